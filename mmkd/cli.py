@@ -1,0 +1,97 @@
+"""The ``mmkd`` command: LightningCLI for fit/validate/test/predict, plus ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+HELP = """usage: mmkd COMMAND [options]
+
+Multi-modal knowledge distillation on PyTorch Lightning.
+
+training (LightningCLI; every config value can be overridden, e.g. --model.init_args.temperature=2):
+  fit        train a model:               mmkd fit -c configs/kd/fmnist_kd.yaml
+  validate   evaluate on the val split:    mmkd validate -c CONFIG --ckpt_path PATH
+  test       evaluate on the test split:   mmkd test -c CONFIG --ckpt_path PATH
+  predict    write predictions:            mmkd predict -c CONFIG --ckpt_path PATH
+
+tools:
+  inspect    list a model's module paths with output shapes, to choose what to distil:
+             mmkd inspect resnet18 --input-size 1 28 28
+             mmkd inspect -c configs/kd/fmnist_fitnets.yaml
+
+Run `mmkd COMMAND --help` for the options of one command.
+"""
+
+
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
+    """Build the LightningCLI (model and data in subclass mode, omegaconf parser mode)."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def inspect_main(argv: Sequence[str]) -> None:
+    import torch
+
+    from mmkd.inspect import inspect_modules, print_inspection
+
+    parser = argparse.ArgumentParser(
+        prog="mmkd inspect",
+        description="List module paths and output shapes of a timm model, or of the student and "
+        "teacher of a config. These paths are what feature taps and distillers take.",
+    )
+    parser.add_argument("model", nargs="?", help="a timm model name (alternative to -c)")
+    parser.add_argument("-c", "--config", help="a training config: inspects its student and teacher")
+    parser.add_argument("--input-size", type=int, nargs="+", default=None, help="input shape without batch, e.g. 1 28 28")
+    parser.add_argument("--in-chans", type=int, default=1)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--depth", type=int, default=None, help="show paths up to this many dots deep")
+    args = parser.parse_args(list(argv))
+    if bool(args.model) == bool(args.config):
+        parser.error("give either a timm model name or -c CONFIG")
+    if args.model:
+        from mmkd.models import timm_model
+
+        models = {args.model: timm_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)}
+        size = args.input_size or [args.in_chans, 224, 224]
+    else:
+        cli = lightning_cli(["-c", args.config], run=False)
+        module = cli.model
+        models = {"student": module.student if hasattr(module, "student") else module.model}
+        if hasattr(module, "teacher"):
+            models["teacher"] = module.teacher.model
+        size = args.input_size or list(getattr(cli.datamodule, "input_shape", [3, 224, 224]))
+    for title, model in models.items():
+        print_inspection(title, inspect_modules(model, torch.zeros(1, *size)), max_depth=args.depth)
+
+
+COMMANDS = {"inspect": inspect_main}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    explicit = argv is not None
+    argv = list(argv if explicit else sys.argv[1:])
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return
+    if argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
+        return
+    lightning_cli(argv if explicit else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""The distillation core: frozen teacher, feature taps, the Distiller LightningModule."""
+
+from mmkd.core.checkpoint import load_state_dict_file, load_weights, sha256_file, state_dict_sha256
+from mmkd.core.classifier import Classifier, NonFiniteLossError
+from mmkd.core.distiller import LOGITS, Distiller, LossTerm
+from mmkd.core.taps import FeatureTap, UnknownModulePathError, get_module
+from mmkd.core.teacher import Teacher
+
+__all__ = [
+    "LOGITS", "Classifier", "Distiller", "FeatureTap", "LossTerm", "NonFiniteLossError", "Teacher",
+    "UnknownModulePathError", "get_module", "load_state_dict_file", "load_weights", "sha256_file",
+    "state_dict_sha256",
+]  # fmt: skip

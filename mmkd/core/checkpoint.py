@@ -1,0 +1,88 @@
+"""Reading weights from files without unpickling arbitrary objects, and file fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Fingerprint of a module's weights (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a state dict from ``.safetensors``, a Lightning ``.ckpt`` or a plain ``torch.save`` file.
+
+    Pickled files are read with ``weights_only=True``. For a Lightning checkpoint the
+    ``state_dict`` entry is used. ``prefix`` (e.g. ``"model."``) keeps only keys under it and strips
+    it; by default a Lightning checkpoint of an mmkd ``Classifier``/``Distiller`` is stripped of
+    ``model.`` so that the network alone loads.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {err}). The file is corrupt, "
+            "truncated or not a weights file; re-create or re-download it."
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+        if prefix is None and any(k.startswith("model.") for k in state):
+            prefix = "model."
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RuntimeError(f"{path} does not hold a state dict of tensors")
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise RuntimeError(f"{path} has no weights under the prefix {prefix!r}")
+    return state
+
+
+def load_weights(module: nn.Module, path: str | Path, prefix: str | None = None) -> None:
+    """Strictly load weights from ``path`` into ``module``; a mismatch names the keys and shapes."""
+    state = load_state_dict_file(path, prefix)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [
+        f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = [f"missing keys: {head(missing)}"] if missing else []
+        parts += [f"unexpected keys: {head(unexpected)}"] if unexpected else []
+        parts += [f"shape mismatches: {head(wrong_shape)}"] if wrong_shape else []
+        raise RuntimeError(
+            f"weights in {path} do not fit {type(module).__name__}: " + "; ".join(parts)
+            + ". Check that the model config matches the one the checkpoint was trained with."
+        )
+    module.load_state_dict(state)

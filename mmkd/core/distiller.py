@@ -1,0 +1,233 @@
+"""The distillation LightningModule: student, frozen teacher, feature taps, heads, loss terms."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmkd.core.classifier import Classifier
+from mmkd.core.taps import FeatureTap
+from mmkd.core.teacher import Teacher
+from mmkd.heads import ShapeMismatchError, build_head
+
+LOGITS = "logits"
+
+
+class LossTerm(nn.Module):
+    """One weighted distillation term: ``loss(head(student[source]), teacher[source])``.
+
+    Args:
+        name: logged as ``train/loss_{name}``.
+        loss: a loss module with its own ``loss_weight`` (``mmkd.losses``); if its class sets
+            ``needs_labels = True`` it also receives the labels.
+        student: ``"logits"`` (the model output) or a module path in the student.
+        teacher: ``"logits"`` or a module path in the teacher.
+        head: alignment head from student to teacher shape (``mmkd.heads.HEAD_KINDS``), built
+            from the shapes seen in a dry forward pass. Without a head, a loss whose class sets
+            ``requires_equal_shapes = True`` gets equal shapes or fails at setup.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        loss: nn.Module,
+        student: str = LOGITS,
+        teacher: str = LOGITS,
+        head: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.name, self.loss = name, loss
+        self.student_source, self.teacher_source, self.head_kind = student, teacher, head
+        self.head: nn.Module = nn.Identity()
+
+    def build_head(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> None:
+        student_shape, teacher_shape = list(student_shape), list(teacher_shape)
+        try:
+            if self.head_kind is not None:
+                self.head = build_head(self.head_kind, student_shape, teacher_shape)
+            elif getattr(self.loss, "requires_equal_shapes", False):
+                build_head(None, student_shape, teacher_shape)
+        except ShapeMismatchError as err:
+            raise ShapeMismatchError(
+                f"loss term '{self.name}' (student '{self.student_source}' -> teacher "
+                f"'{self.teacher_source}'): {err}"
+            ) from None
+
+    def forward(self, student_value: torch.Tensor, teacher_value: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        prediction = self.head(student_value)
+        if getattr(self.loss, "needs_labels", False):
+            return self.loss(prediction, teacher_value, labels)
+        return self.loss(prediction, teacher_value)
+
+
+def _shape(value: Any) -> list[int]:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"a tapped module returned {type(value).__name__}, not a tensor; tap a submodule that returns one")
+    return list(value.shape[1:])
+
+
+class Distiller(Classifier):
+    """Trains ``student`` with cross-entropy (``ce_weight``) plus weighted distillation terms.
+
+    The teacher is wrapped in :class:`~mmkd.core.teacher.Teacher` (frozen, eval, no_grad) and is
+    not written into checkpoints (its reference is). Features named by the terms are tapped by
+    module path; heads are built at ``setup`` from one dry forward pass on ``input_size`` (or the
+    data module's ``input_shape``). Every term is logged as ``train/loss_{name}``; validation logs
+    the student's ``val/acc`` and, on the first validation epoch, the teacher's
+    ``val/teacher_acc``.
+
+    Method distillers (``mmkd.distillers``) are subclasses that build their terms from a few
+    arguments; ``Distiller`` itself takes any list of terms from the config.
+
+    Args:
+        student: the network being trained.
+        teacher: a ``Teacher`` or any module (then wrapped, without loading weights).
+        terms: the distillation terms.
+        ce_weight: weight of the cross-entropy on labels (0 disables it).
+        input_size: input shape without batch, e.g. ``[1, 28, 28]``; default from the data module.
+        **kwargs: optimisation and data keys of :class:`~mmkd.core.classifier.Classifier`.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        terms: list[LossTerm] | None = None,
+        ce_weight: float = 1.0,
+        input_size: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model=student, **kwargs)
+        self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
+        terms = list(terms or [])
+        names = [term.name for term in terms]
+        if len(set(names)) != len(names) or "ce" in names:
+            raise ValueError(f"loss term names must be unique and not 'ce', got {names}")
+        self.terms = nn.ModuleDict({term.name: term for term in terms})
+        self.ce_weight = ce_weight
+        self.input_size = input_size
+        self.student_tap = FeatureTap(self.model, {t.student_source for t in terms} - {LOGITS})
+        self.teacher_tap = FeatureTap(self.teacher.model, {t.teacher_source for t in terms} - {LOGITS})
+        self.teacher_val_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.teacher_val_result: float | None = None
+        self.feature_shapes: dict[str, dict[str, list[int]]] | None = None
+
+    @property
+    def student(self) -> nn.Module:
+        return self.model
+
+    # -- set-up: heads from observed shapes ----------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.feature_shapes is None:
+            self.build_heads(self.observe_shapes())
+
+    def example_input(self) -> torch.Tensor:
+        size = self.input_size
+        if size is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+            size = getattr(datamodule, "input_shape", None)
+        if size is None:
+            raise ValueError("set input_size (e.g. [1, 28, 28]) or use a data module with an input_shape")
+        return torch.zeros(2, *size, device=next(self.model.parameters()).device)
+
+    @torch.no_grad()
+    def observe_shapes(self) -> dict[str, dict[str, list[int]]]:
+        """One forward pass of student and teacher on a zero batch, in eval mode (so BatchNorm
+        statistics are untouched), returning the shapes at every tapped source."""
+        x = self.example_input()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            student_features = {LOGITS: self.model(x), **self.student_tap.pop()}
+            teacher_features = {LOGITS: self.teacher(self.teacher_input(x)), **self.teacher_tap.pop()}
+        finally:
+            self.model.train(was_training)
+        return {
+            "student": {path: _shape(v) for path, v in student_features.items()},
+            "teacher": {path: _shape(v) for path, v in teacher_features.items()},
+        }
+
+    def build_heads(self, shapes: dict[str, dict[str, list[int]]]) -> None:
+        for term in self.terms.values():
+            term.build_head(shapes["student"][term.student_source], shapes["teacher"][term.teacher_source])
+        self.feature_shapes = shapes
+
+    # -- one training step ---------------------------------------------------------------------
+    def teacher_input(self, student_input: torch.Tensor) -> torch.Tensor:
+        """What the teacher sees; methods with their own teacher resolution override this."""
+        return student_input
+
+    def term_scale(self, name: str) -> float:
+        """Schedule factor of a term (1 here; DKD's warm-up overrides it)."""
+        return 1.0
+
+    def distillation_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        images, labels = batch[self.input_key], batch[self.label_key]
+        student = {LOGITS: self.model(images), **self.student_tap.pop()}
+        teacher = {LOGITS: self.teacher(self.teacher_input(images)), **self.teacher_tap.pop()}
+        losses = {"ce": self.ce_weight * self.ce_loss(student[LOGITS], labels)} if self.ce_weight else {}
+        for name, term in self.terms.items():
+            value = term(student[term.student_source], teacher[term.teacher_source], labels)
+            losses[name] = value * self.term_scale(name)
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.total_loss(self.distillation_losses(batch), "train", len(batch[self.label_key]))
+
+    # -- validation: the student, and the teacher once -----------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if self.teacher_val_result is None and not self.trainer.sanity_checking:
+            self.teacher_val_acc.update(self.teacher(self.teacher_input(batch[self.input_key])), batch[self.label_key])
+        self.student_tap.pop()
+        self.teacher_tap.outputs.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.teacher_val_result is None and not self.trainer.sanity_checking:
+            self.teacher_val_result = float(self.teacher_val_acc.compute())
+            self.teacher_val_acc.reset()
+        if self.teacher_val_result is not None:
+            self.log("val/teacher_acc", self.teacher_val_result)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        self.student_tap.pop()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        output = super().predict_step(batch, batch_idx)
+        self.student_tap.pop()
+        return output
+
+    # -- checkpoints: no teacher weights, but its reference ------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+        checkpoint["mmkd"].update(
+            teacher=self.teacher.reference(),
+            feature_shapes=self.feature_shapes,
+            teacher_val_acc=self.teacher_val_result,
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        info = checkpoint.get("mmkd", {})
+        stored = info.get("teacher")
+        if stored and stored["weights_sha256"] != self.teacher.reference()["weights_sha256"]:
+            raise RuntimeError(
+                f"this checkpoint was trained with another teacher (checkpoint {stored['checkpoint']}, "
+                f"weights sha256 {stored['weights_sha256'][:12]}) than the one configured now "
+                f"({self.teacher.checkpoint}, {self.teacher.reference()['weights_sha256'][:12]}). "
+                "Point the teacher at the original weights."
+            )
+        if self.feature_shapes is None and info.get("feature_shapes"):
+            self.build_heads(info["feature_shapes"])
+        self.teacher_val_result = info.get("teacher_val_acc", self.teacher_val_result)
+        # The teacher's weights come from its own checkpoint, so strict loading sees them as present.
+        state = checkpoint["state_dict"]
+        for key, value in self.teacher.state_dict(prefix="teacher.").items():
+            state.setdefault(key, value)

@@ -1,0 +1,13 @@
+"""Lightning data modules. Batches are dicts: ``{"image", "label", "index", ...}``."""
+
+from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, default_data_root
+from mmkd.data.images import FashionMNISTDataModule, IDXImageDataModule, MNISTDataModule
+
+__all__ = [
+    "EpochShuffleSampler",
+    "FashionMNISTDataModule",
+    "IDXImageDataModule",
+    "ImageTensorDataset",
+    "MNISTDataModule",
+    "default_data_root",
+]

@@ -1,0 +1,176 @@
+"""The Distiller and the CLI end to end on real Fashion-MNIST, with short schedules."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmkd.cli import lightning_cli, main
+from mmkd.core import NonFiniteLossError, UnknownModulePathError, load_state_dict_file
+from mmkd.heads import ShapeMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+TEACHER_CKPT = "runs/teachers/fmnist_resnet10t/last.ckpt"  # where configs/kd/*.yaml look for it
+SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+         "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """A teacher trained for 40 real batches with the shipped teacher recipe."""
+    workdir = tmp_path_factory.mktemp("teacher")
+    lightning_cli([
+        "fit", "-c", str(CONFIGS / "teachers/fmnist_resnet10t.yaml"), *SHORT, "--trainer.limit_train_batches=40",
+        f"--trainer.callbacks.init_args.dirpath={workdir}", f"--trainer.logger.init_args.save_dir={workdir}/logs",
+        f"--data.init_args.root={data_root}",
+    ])  # fmt: skip
+    return workdir / "last.ckpt"
+
+
+@pytest.fixture
+def teacher_in_place(trained_teacher: Path) -> Path:
+    """The teacher copied to where the shipped KD configs expect it, under the test's cwd."""
+    target = Path(TEACHER_CKPT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(trained_teacher, target)
+    return target
+
+
+def logged_columns(log_root: Path) -> set[str]:
+    [metrics] = list(log_root.rglob("metrics.csv"))
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    return {key for row in rows for key, value in row.items() if value}
+
+
+def test_help_lists_all_commands(capsys: pytest.CaptureFixture) -> None:
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "inspect"):
+        assert f"  {command}" in out
+    entry = subprocess.run([str(Path(sys.executable).parent / "mmkd"), "--help"], capture_output=True, text=True)
+    assert entry.returncode == 0 and "inspect" in entry.stdout
+
+
+def test_inspect_prints_paths_and_shapes(capsys: pytest.CaptureFixture, teacher_in_place: Path) -> None:
+    main(["inspect", "resnet10t", "--input-size", "1", "28", "28", "--depth", "1"])
+    out = capsys.readouterr().out
+    assert "layer2" in out and "[1, 128, 4, 4]" in out and "global_pool" in out
+    main(["inspect", "-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), "--depth", "1"])
+    out = capsys.readouterr().out
+    assert "student: module paths" in out and "teacher: module paths" in out
+    assert "[1, 16, 4, 4]" in out and "[1, 64, 4, 4]" in out  # the FitNets hint layers
+
+
+CONFIG_TERMS = {
+    "teachers/fmnist_resnet10t.yaml": ["train/loss_ce_epoch"],
+    "kd/fmnist_student_alone.yaml": ["train/loss_ce_epoch"],
+    "kd/fmnist_kd.yaml": ["train/loss_ce_epoch", "train/loss_kd_epoch", "val/teacher_acc"],
+    "kd/fmnist_dkd.yaml": ["train/loss_ce_epoch", "train/loss_dkd_epoch", "val/teacher_acc"],
+    "kd/fmnist_fitnets.yaml": ["train/loss_ce_epoch", "train/loss_hint_epoch", "val/teacher_acc"],
+    "kd/fmnist_at.yaml": ["train/loss_at_layer1_epoch", "train/loss_at_layer2_epoch", "train/loss_at_layer3_epoch"],
+    "kd/fmnist_rkd.yaml": ["train/loss_ce_epoch", "train/loss_rkd_epoch", "val/teacher_acc"],
+}
+
+
+def test_every_shipped_config_is_covered() -> None:
+    shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "models"}
+    assert shipped == set(CONFIG_TERMS)
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG_TERMS))
+def test_shipped_config_trains_and_logs_every_term(config: str, teacher_in_place: Path) -> None:
+    lightning_cli(["fit", "-c", str(CONFIGS / config), *SHORT])
+    columns = logged_columns(Path("runs/logs"))
+    for term in CONFIG_TERMS[config] + ["train/loss_epoch", "val/acc"]:
+        assert term in columns, f"{term} not logged by {config}: {sorted(columns)}"
+
+
+def test_cli_overrides_reach_the_loss(teacher_in_place: Path) -> None:
+    cli = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_kd.yaml"), "--model.init_args.temperature=2.5",
+                         "--model.init_args.kd_weight=0.7"], run=False)  # fmt: skip
+    assert cli.model.terms["kd"].loss.temperature == 2.5
+    assert cli.model.terms["kd"].loss.loss_weight == 0.7
+
+
+def test_teacher_unchanged_and_not_in_student_checkpoint(teacher_in_place: Path) -> None:
+    cli = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT], run=False)
+    before = {k: v.clone() for k, v in cli.model.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in cli.model.student.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = cli.model.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
+    assert all(p.grad is None for p in cli.model.teacher.parameters())
+    assert any(not torch.equal(student_before[k], v) for k, v in cli.model.student.state_dict().items())
+    head = cli.model.terms["hint"].head
+    optimized = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert {id(p) for p in head.parameters()} <= optimized  # the head trains with the student
+    assert head.norm.running_mean.abs().sum() > 0
+
+    checkpoint = torch.load("runs/students/fmnist_fitnets/last.ckpt", weights_only=True)
+    assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+    reference = checkpoint["mmkd"]["teacher"]
+    assert reference["checkpoint"] == TEACHER_CKPT and len(reference["checkpoint_sha256"]) == 64
+    assert checkpoint["mmkd"]["feature_shapes"]["student"]["layer2"] == [16, 4, 4]
+    # The student weights load on their own, e.g. into the student-alone config's model.
+    assert "conv1.0.weight" in load_state_dict_file("runs/students/fmnist_fitnets/last.ckpt")
+
+    lightning_cli(["validate", "-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT,
+                   "--ckpt_path=runs/students/fmnist_fitnets/last.ckpt"])  # fmt: skip
+
+    other = torch.load(teacher_in_place, weights_only=True)
+    other["state_dict"]["model.fc.bias"] += 1.0
+    torch.save(other, "other_teacher.ckpt")
+    with pytest.raises(RuntimeError, match="trained with another teacher"):
+        lightning_cli(["validate", "-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT,
+                       "--model.init_args.teacher.init_args.checkpoint=other_teacher.ckpt",
+                       "--ckpt_path=runs/students/fmnist_fitnets/last.ckpt"])  # fmt: skip
+
+
+def test_nan_loss_stops_training_with_the_term_name(teacher_in_place: Path) -> None:
+    broken = torch.load(teacher_in_place, weights_only=True)
+    broken["state_dict"]["model.fc.weight"][0, 0] = float("nan")
+    torch.save(broken, "nan_teacher.ckpt")
+    with pytest.raises(NonFiniteLossError, match=r"term 'kd' = nan"):
+        lightning_cli(["fit", "-c", str(CONFIGS / "kd/fmnist_kd.yaml"), *SHORT,
+                       "--model.init_args.teacher.init_args.checkpoint=nan_teacher.ckpt"])  # fmt: skip
+
+
+def test_unknown_module_path_fails_at_setup_with_nearest_paths(teacher_in_place: Path) -> None:
+    with pytest.raises(Exception) as info:
+        lightning_cli(["-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), "--model.init_args.student_layer=layer22"], run=False)
+    text = str(info.value) + "".join(str(a) for a in getattr(info.value, "args", ()))
+    assert "no module at path 'layer22'" in text and "layer2" in text
+
+
+def test_shape_mismatch_without_head_names_both_shapes(teacher_in_place: Path) -> None:
+    with pytest.raises(ShapeMismatchError, match=r"'hint'.*\[16, 4, 4\].*\[64, 4, 4\]"):
+        lightning_cli(["fit", "-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT, "--model.init_args.head=identity"])
+
+
+def test_fit_two_epochs_equals_one_plus_resume(teacher_in_place: Path) -> None:
+    """Same final weights (bitwise, CPU) for 2 epochs straight and 1 epoch + resume, with
+    dropout in the student so that the RNG state has to survive the checkpoint too."""
+    common = [
+        "-c", str(CONFIGS / "kd/fmnist_kd.yaml"), "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false", "--model.init_args.lr_schedule=constant",
+        '--model.init_args.student.init_args.model_args={"channels": [8, 16, 32, 64], "stem_width": 8, "drop_rate": 0.3}',
+    ]  # fmt: skip
+    lightning_cli(["fit", *common, "--trainer.max_epochs=2", "--trainer.callbacks.init_args.dirpath=straight"])
+    lightning_cli(["fit", *common, "--trainer.max_epochs=1", "--trainer.callbacks.init_args.dirpath=resumed"])
+    lightning_cli(["fit", *common, "--trainer.max_epochs=2", "--trainer.callbacks.init_args.dirpath=resumed",
+                   "--ckpt_path=resumed/last.ckpt"])  # fmt: skip
+    straight = torch.load("straight/last.ckpt", weights_only=True)
+    resumed = torch.load("resumed/last.ckpt", weights_only=True)
+    assert straight["global_step"] == resumed["global_step"] == 8
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    one_epoch = torch.load("resumed/last.ckpt", weights_only=True)
+    assert one_epoch["epoch"] == 1

@@ -1,0 +1,107 @@
+"""Benchmark the classic distillers on Fashion-MNIST: teacher, student alone, and the student
+with KD, DKD and FitNets (optionally AT, RKD), several seeds each.
+
+    python tools/bench_kd.py                       # writes bench/kd_fmnist.json and prints a table
+    python tools/bench_kd.py --methods kd at rkd --seeds 0 --epochs 2   # a quicker look
+
+The teacher is trained once per seed from configs/teachers/fmnist_resnet10t.yaml (seed s teaches
+the students of seed s); every student recipe in configs/kd/ runs with the same schedule and
+data order for a given seed, so the differences come from the distillation terms alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mmkd.experiment import fit_and_test  # noqa: E402
+
+RECIPES = {
+    "student_alone": "configs/kd/fmnist_student_alone.yaml",
+    "kd": "configs/kd/fmnist_kd.yaml",
+    "dkd": "configs/kd/fmnist_dkd.yaml",
+    "fitnets": "configs/kd/fmnist_fitnets.yaml",
+    "at": "configs/kd/fmnist_at.yaml",
+    "rkd": "configs/kd/fmnist_rkd.yaml",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["kd", "dkd", "fitnets"], choices=[m for m in RECIPES if m != "student_alone"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the configs')")
+    parser.add_argument("--teacher-epochs", type=int, default=None)
+    parser.add_argument("--out", default="bench/kd_fmnist.json")
+    parser.add_argument("--workdir", default="runs/bench_kd")
+    args = parser.parse_args()
+
+    results: dict[str, list[dict]] = {}
+    started = time.time()
+    for seed in args.seeds:
+        teacher_dir = f"{args.workdir}/seed{seed}/teacher"
+        common = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}", "--trainer.enable_progress_bar=false"]
+        teacher_overrides = [*common, f"--trainer.callbacks.init_args.dirpath={teacher_dir}",
+                             f"--trainer.logger.init_args.save_dir={args.workdir}/seed{seed}/logs"]
+        if args.teacher_epochs:
+            teacher_overrides.append(f"--trainer.max_epochs={args.teacher_epochs}")
+        print(f"[seed {seed}] teacher", flush=True)
+        results.setdefault("teacher", []).append(
+            {"seed": seed, **fit_and_test("configs/teachers/fmnist_resnet10t.yaml", teacher_overrides)}
+        )
+        for method in ["student_alone", *args.methods]:
+            overrides = [*common, f"--trainer.callbacks.init_args.dirpath={args.workdir}/seed{seed}/{method}",
+                         f"--trainer.logger.init_args.save_dir={args.workdir}/seed{seed}/logs"]
+            if method != "student_alone":
+                overrides.append(f"--model.init_args.teacher.init_args.checkpoint={teacher_dir}/last.ckpt")
+            if args.epochs:
+                overrides.append(f"--trainer.max_epochs={args.epochs}")
+            print(f"[seed {seed}] {method}", flush=True)
+            results.setdefault(method, []).append({"seed": seed, **fit_and_test(RECIPES[method], overrides)})
+
+    summary = {
+        name: {
+            "test_acc_mean": statistics.mean(r["test/acc"] for r in runs),
+            "test_acc_per_seed": [r["test/acc"] for r in runs],
+            "params": runs[0]["params"],
+            "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in runs),
+        }
+        for name, runs in results.items()
+    }
+    record = {
+        "benchmark": "classic KD on Fashion-MNIST (test split, final weights)",
+        "command": "python " + " ".join(sys.argv),
+        "seeds": args.seeds,
+        "summary": summary,
+        "runs": results,
+        "machine": {
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+        },
+        "wall_seconds": time.time() - started,
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    baseline = summary["student_alone"]["test_acc_mean"]
+    print(f"\n| model | params | test acc (mean of {len(args.seeds)} seeds) | per seed | vs student alone |")
+    print("|---|---:|---:|---|---:|")
+    for name, row in summary.items():
+        delta = "" if name in ("teacher", "student_alone") else f"{100 * (row['test_acc_mean'] - baseline):+.2f} pt"
+        seeds = ", ".join(f"{100 * a:.2f}" for a in row["test_acc_per_seed"])
+        print(f"| {name} | {row['params']:,} | {100 * row['test_acc_mean']:.2f} % | {seeds} | {delta} |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
