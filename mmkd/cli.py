@@ -25,12 +25,34 @@ Run `mmkd COMMAND --help` for the options of one command.
 """
 
 
+class ConfigError(ValueError):
+    """A config that parses but whose objects cannot be built (missing weights, bad paths, ...)."""
+
+
+def _cause_lines(message: str) -> list[str]:
+    """The causes in a jsonargparse union error, without the 'Expected NoneType' alternative."""
+    causes = [line[4:] for line in message.splitlines() if line.startswith("  - ")]
+    return [line for line in causes if not line.startswith("Expected a <class 'NoneType'>")]
+
+
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
     """Build the LightningCLI (model and data in subclass mode, omegaconf parser mode)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
+    class MMKDCLI(LightningCLI):
+        def instantiate_classes(self) -> None:
+            # jsonargparse reports an error raised while building the model as one alternative
+            # of a Union among pages of config dump; keep only the error itself.
+            try:
+                super().instantiate_classes()
+            except ValueError as err:
+                causes = _cause_lines(str(err))
+                if not causes:
+                    raise
+                raise ConfigError("cannot build the objects of this config: " + "; ".join(causes)) from None
+
+    return MMKDCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -90,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
         return
-    lightning_cli(argv if explicit else None)
+    try:
+        lightning_cli(argv if explicit else None)
+    except ConfigError as err:
+        print(f"mmkd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

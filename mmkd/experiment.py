@@ -1,4 +1,4 @@
-"""Run a config end to end from Python (fit, then test), as ``mmkd fit`` would."""
+"""Run a config end to end from Python (fit, then test), as ``mmkd fit`` / ``mmkd test`` would."""
 
 from __future__ import annotations
 
@@ -8,19 +8,29 @@ from typing import Sequence
 from mmkd.cli import lightning_cli
 
 
+def _summarise(cli, test_metrics: dict) -> dict[str, float]:
+    metrics = {key: float(value) for key, value in test_metrics.items()}
+    if getattr(cli.model, "teacher_val_result", None) is not None:
+        metrics["val/teacher_acc"] = cli.model.teacher_val_result
+    metrics["params"] = sum(p.numel() for p in cli.model.model.parameters())
+    return metrics
+
+
 def fit_and_test(config: str, overrides: Sequence[str] = ()) -> dict[str, float]:
     """Fit ``config`` (with CLI-style ``--key=value`` overrides), test the final weights, and
-    return the test metrics plus ``val/acc``, the teacher's ``val/teacher_acc`` when there is a
+    return the test metrics plus the last ``val/acc``, the teacher's ``val/teacher_acc`` when there is a
     teacher, the student's parameter count and the wall time of the fit."""
     cli = lightning_cli(["-c", config, *overrides], run=False)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
+    val_acc = float(cli.trainer.callback_metrics["val/acc"])  # test() resets callback_metrics
     [test_metrics] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    metrics = {key: float(value) for key, value in test_metrics.items()}
-    metrics["val/acc"] = float(cli.trainer.callback_metrics["val/acc"])
-    if getattr(cli.model, "teacher_val_result", None) is not None:
-        metrics["val/teacher_acc"] = cli.model.teacher_val_result
-    metrics["params"] = sum(p.numel() for p in cli.model.model.parameters())
-    metrics["fit_seconds"] = fit_seconds
-    return metrics
+    return {**_summarise(cli, test_metrics), "val/acc": val_acc, "fit_seconds": fit_seconds}
+
+
+def evaluate_checkpoint(config: str, ckpt_path: str, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Test the weights in ``ckpt_path`` with the model and data of ``config``."""
+    cli = lightning_cli(["-c", config, *overrides], run=False)
+    [test_metrics] = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
+    return _summarise(cli, test_metrics)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmkd.cli import lightning_cli, main
+from mmkd.cli import ConfigError, lightning_cli, main
 from mmkd.core import NonFiniteLossError, UnknownModulePathError, load_state_dict_file
 from mmkd.heads import ShapeMismatchError
 
@@ -66,7 +66,7 @@ def test_inspect_prints_paths_and_shapes(capsys: pytest.CaptureFixture, teacher_
     main(["inspect", "-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), "--depth", "1"])
     out = capsys.readouterr().out
     assert "student: module paths" in out and "teacher: module paths" in out
-    assert "[1, 16, 4, 4]" in out and "[1, 64, 4, 4]" in out  # the FitNets hint layers
+    assert "[1, 8, 4, 4]" in out and "[1, 64, 4, 4]" in out  # the FitNets hint layers
 
 
 CONFIG_TERMS = {
@@ -118,7 +118,7 @@ def test_teacher_unchanged_and_not_in_student_checkpoint(teacher_in_place: Path)
     assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
     reference = checkpoint["mmkd"]["teacher"]
     assert reference["checkpoint"] == TEACHER_CKPT and len(reference["checkpoint_sha256"]) == 64
-    assert checkpoint["mmkd"]["feature_shapes"]["student"]["layer2"] == [16, 4, 4]
+    assert checkpoint["mmkd"]["feature_shapes"]["student"]["layer2"] == [8, 4, 4]
     # The student weights load on their own, e.g. into the student-alone config's model.
     assert "conv1.0.weight" in load_state_dict_file("runs/students/fmnist_fitnets/last.ckpt")
 
@@ -143,15 +143,24 @@ def test_nan_loss_stops_training_with_the_term_name(teacher_in_place: Path) -> N
                        "--model.init_args.teacher.init_args.checkpoint=nan_teacher.ckpt"])  # fmt: skip
 
 
-def test_unknown_module_path_fails_at_setup_with_nearest_paths(teacher_in_place: Path) -> None:
-    with pytest.raises(Exception) as info:
-        lightning_cli(["-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), "--model.init_args.student_layer=layer22"], run=False)
-    text = str(info.value) + "".join(str(a) for a in getattr(info.value, "args", ()))
-    assert "no module at path 'layer22'" in text and "layer2" in text
+def test_unknown_module_path_fails_at_setup_with_nearest_paths(teacher_in_place: Path, capsys) -> None:
+    args = ["-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), "--model.init_args.student_layer=layer22"]
+    with pytest.raises(ConfigError, match=r"no module at path 'layer22'. Nearest valid paths: layer2"):
+        lightning_cli(args, run=False)
+    with pytest.raises(SystemExit):  # the command line prints the cause alone, no traceback
+        main(["fit", *args])
+    err = capsys.readouterr().err
+    assert err.startswith("mmkd: error: cannot build") and "Traceback" not in err and "Namespace" not in err
+
+
+def test_missing_teacher_weights_from_the_command_line(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(CONFIGS / "kd/fmnist_kd.yaml")])  # no teacher trained in this directory
+    assert "teacher weights not found: runs/teachers/fmnist_resnet10t/last.ckpt" in capsys.readouterr().err
 
 
 def test_shape_mismatch_without_head_names_both_shapes(teacher_in_place: Path) -> None:
-    with pytest.raises(ShapeMismatchError, match=r"'hint'.*\[16, 4, 4\].*\[64, 4, 4\]"):
+    with pytest.raises(ShapeMismatchError, match=r"'hint'.*\[8, 4, 4\].*\[64, 4, 4\]"):
         lightning_cli(["fit", "-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT, "--model.init_args.head=identity"])
 
 

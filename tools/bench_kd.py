@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmkd.experiment import fit_and_test  # noqa: E402
+from mmkd.experiment import evaluate_checkpoint, fit_and_test  # noqa: E402
 
 RECIPES = {
     "student_alone": "configs/kd/fmnist_student_alone.yaml",
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=None)
     parser.add_argument("--out", default="bench/kd_fmnist.json")
     parser.add_argument("--workdir", default="runs/bench_kd")
+    parser.add_argument("--reuse-teachers", action="store_true", help="test an existing teacher checkpoint instead of training it")
     args = parser.parse_args()
 
     results: dict[str, list[dict]] = {}
@@ -56,10 +57,14 @@ def main() -> None:
                              f"--trainer.logger.init_args.save_dir={args.workdir}/seed{seed}/logs"]
         if args.teacher_epochs:
             teacher_overrides.append(f"--trainer.max_epochs={args.teacher_epochs}")
-        print(f"[seed {seed}] teacher", flush=True)
-        results.setdefault("teacher", []).append(
-            {"seed": seed, **fit_and_test("configs/teachers/fmnist_resnet10t.yaml", teacher_overrides)}
-        )
+        teacher_config = "configs/teachers/fmnist_resnet10t.yaml"
+        if args.reuse_teachers and Path(f"{teacher_dir}/last.ckpt").is_file():
+            print(f"[seed {seed}] teacher (reused {teacher_dir}/last.ckpt)", flush=True)
+            teacher = evaluate_checkpoint(teacher_config, f"{teacher_dir}/last.ckpt", teacher_overrides)
+        else:
+            print(f"[seed {seed}] teacher", flush=True)
+            teacher = fit_and_test(teacher_config, teacher_overrides)
+        results.setdefault("teacher", []).append({"seed": seed, **teacher})
         for method in ["student_alone", *args.methods]:
             overrides = [*common, f"--trainer.callbacks.init_args.dirpath={args.workdir}/seed{seed}/{method}",
                          f"--trainer.logger.init_args.save_dir={args.workdir}/seed{seed}/logs"]
@@ -75,7 +80,7 @@ def main() -> None:
             "test_acc_mean": statistics.mean(r["test/acc"] for r in runs),
             "test_acc_per_seed": [r["test/acc"] for r in runs],
             "params": runs[0]["params"],
-            "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in runs),
+            "fit_seconds_mean": statistics.mean(r.get("fit_seconds", float("nan")) for r in runs),
         }
         for name, runs in results.items()
     }

@@ -89,7 +89,7 @@ class Classifier(L.LightningModule):
         on a non-finite value with the name of the term that caused it."""
         total = torch.stack([loss.float() for loss in losses.values()]).sum()
         if self.check_finite and not torch.isfinite(total):
-            bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value)}
+            bad = {name: float(value.detach()) for name, value in losses.items() if not torch.isfinite(value)}
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {self.current_epoch}, step {self.global_step}: "
                 + ", ".join(f"term '{name}' = {value}" for name, value in bad.items())

@@ -182,8 +182,8 @@ class Distiller(Classifier):
         super().validation_step(batch, batch_idx)
         if self.teacher_val_result is None and not self.trainer.sanity_checking:
             self.teacher_val_acc.update(self.teacher(self.teacher_input(batch[self.input_key])), batch[self.label_key])
-        self.student_tap.pop()
-        self.teacher_tap.outputs.clear()
+        self.student_tap.clear()
+        self.teacher_tap.clear()
 
     def on_validation_epoch_end(self) -> None:
         if self.teacher_val_result is None and not self.trainer.sanity_checking:
@@ -194,11 +194,11 @@ class Distiller(Classifier):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
-        self.student_tap.pop()
+        self.student_tap.clear()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         output = super().predict_step(batch, batch_idx)
-        self.student_tap.pop()
+        self.student_tap.clear()
         return output
 
     # -- checkpoints: no teacher weights, but its reference ------------------------------------

@@ -61,6 +61,10 @@ class FeatureTap:
             )
         return outputs
 
+    def clear(self) -> None:
+        """Drop what was recorded (after a forward pass whose features are not needed)."""
+        self.outputs = {}
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -16,10 +16,33 @@ def default_data_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mmkd" / "data"
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator that depends only on (seed, epoch, index), so augmentation survives a resume
-    and does not depend on worker count or on the order in which samples are drawn."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors (products wrap; the low 32 bits are exact)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def sample_randint(seed: int, epochs: torch.Tensor, indices: torch.Tensor, stream: int, high: int) -> torch.Tensor:
+    """Integers in ``[0, high)`` that depend only on (seed, epoch, index, stream).
+
+    A hash, vectorised over a batch: augmentation needs no per-sample generator, survives a
+    resume, and does not depend on worker count or on the order in which samples are drawn.
+    """
+    state = _fmix32(indices.long() & _MASK32)
+    for value in (stream, epochs.long(), seed):
+        state = _fmix32((state ^ ((value * 0x9E3779B1) & _MASK32)) + 0x7F4A7C15 & _MASK32)
+    return state % high
+
+
+def passthrough_collate(batch: dict) -> dict:
+    """``collate_fn`` for datasets whose ``__getitems__`` already returns a collated batch."""
+    return batch
 
 
 class EpochShuffleSampler(Sampler[tuple[int, int]]):
@@ -51,9 +74,11 @@ class ImageTensorDataset(Dataset):
     """Greyscale images held in memory as uint8, normalised on access.
 
     Items are dicts ``{"image": [1, H, W] float, "label": int, "index": int}``; ``index`` is the
-    position in the underlying split, the key a teacher-output cache uses. With ``augment`` a
-    random shift (zero padding of ``pad`` pixels, random crop) and, if ``hflip``, a horizontal flip
-    are drawn from a generator seeded by (seed, epoch, index).
+    position in the underlying split, the key a teacher-output cache uses. Keys are indices or
+    ``(index, epoch)`` pairs (from :class:`EpochShuffleSampler`). ``__getitems__`` builds a whole
+    batch with tensor operations (use ``collate_fn=passthrough_collate``). With ``augment``, a
+    random shift (zero padding of ``pad`` pixels, random crop) and, if ``hflip``, a horizontal
+    flip are drawn by :func:`sample_randint` from (seed, epoch, index).
     """
 
     def __init__(
@@ -79,19 +104,30 @@ class ImageTensorDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        image = self.images[index].float().div_(255.0)
-        if self.augment:
-            image = self._augment(image, sample_generator(self.seed, epoch, index))
-        image = (image - self.mean) / self.std
-        return {"image": image.unsqueeze(0), "label": self.labels[index], "index": index}
+        batch = self.__getitems__([key])
+        return {"image": batch["image"][0], "label": batch["label"][0], "index": int(batch["index"][0])}
 
-    def _augment(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        height, width = image.shape
+    def __getitems__(self, keys: list) -> dict:
+        pairs = [key if isinstance(key, tuple) else (key, 0) for key in keys]
+        indices = torch.tensor([index for index, _ in pairs], dtype=torch.long)
+        epochs = torch.tensor([epoch for _, epoch in pairs], dtype=torch.long)
+        images = self.images[indices].float().div_(255.0)
+        if self.augment:
+            images = self._augment(images, indices, epochs)
+        images = (images - self.mean) / self.std
+        return {"image": images.unsqueeze(1), "label": self.labels[indices], "index": indices}
+
+    def _augment(self, images: torch.Tensor, indices: torch.Tensor, epochs: torch.Tensor) -> torch.Tensor:
+        count, height, width = images.shape
         if self.pad:
-            padded = torch.nn.functional.pad(image, (self.pad,) * 4)
-            top, left = torch.randint(0, 2 * self.pad + 1, (2,), generator=generator).tolist()
-            image = padded[top : top + height, left : left + width]
-        if self.hflip and torch.rand((), generator=generator) < 0.5:
-            image = image.flip(-1)
-        return image.contiguous()
+            span = 2 * self.pad + 1
+            top = sample_randint(self.seed, epochs, indices, 0, span)
+            left = sample_randint(self.seed, epochs, indices, 1, span)
+            padded = torch.nn.functional.pad(images, (self.pad,) * 4)
+            rows = (top[:, None] + torch.arange(height))[:, :, None]
+            cols = (left[:, None] + torch.arange(width))[:, None, :]
+            images = padded[torch.arange(count)[:, None, None], rows, cols]
+        if self.hflip:
+            flip = sample_randint(self.seed, epochs, indices, 2, 2).bool()
+            images = torch.where(flip[:, None, None], images.flip(-1), images)
+        return images

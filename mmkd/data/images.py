@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, default_data_root
+from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, default_data_root, passthrough_collate
 from mmkd.data.idx import read_idx
 
 FASHION_MNIST_CLASSES = (
@@ -136,8 +136,12 @@ class IDXImageDataModule(L.LightningDataModule):
             self.splits[split],
             batch_size=batch_size,
             sampler=sampler,
+            collate_fn=passthrough_collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Its own generator: creating an iterator would otherwise draw a worker seed from the
+            # global RNG, which a resumed run draws at another moment than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

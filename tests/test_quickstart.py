@@ -1,0 +1,32 @@
+"""The README's quick start, end to end on real data (shortened schedule)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_trains_teacher_student_and_kd(data_root: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools/quickstart.py"), "--teacher-epochs=1", "--student-epochs=1",
+         "--limit-train-batches=0.2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    accuracies = dict(re.findall(r"\| (teacher|student alone|student \+ KD)[^|]*\|[^|]*\|\s+([\d.]+)%", run.stdout))
+    assert set(accuracies) == {"teacher", "student alone", "student + KD"}, run.stdout
+    # 86 batches of real data: the teacher is well past chance, the students learn too.
+    assert float(accuracies["teacher"]) > 75.0
+    assert float(accuracies["student alone"]) > 50.0 and float(accuracies["student + KD"]) > 50.0
+    assert Path("runs/teachers/fmnist_resnet10t/last.ckpt").is_file()
+    again = subprocess.run([sys.executable, str(REPO / "tools/quickstart.py"), "--student-epochs=1",
+                            "--limit-train-batches=0.05"], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0 and "reusing the teacher" in again.stdout
+    assert f"{accuracies['teacher']}%" in again.stdout  # the same teacher, tested again
