@@ -27,8 +27,8 @@ test: install  ## the whole test suite, slow end-to-end tests included (what CI 
 test-fast: install  ## the default pytest run (slow tests skipped)
 	$(PY) -m pytest
 
-bench-kd: install  ## KD / DKD / FitNets vs student alone, 2 seeds -> bench/kd_fmnist.json
-	$(PY) tools/bench_kd.py
+bench-kd: install  ## KD, DKD, FitNets, AT, RKD vs student alone, 2 seeds -> bench/kd_fmnist.json
+	$(PY) tools/bench_kd.py --methods kd dkd fitnets at rkd
 
 clean:
 	rm -rf runs .pytest_cache

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmkd.cli import ConfigError, lightning_cli, main
-from mmkd.core import NonFiniteLossError, UnknownModulePathError, load_state_dict_file
+from mmkd.core import NonFiniteLossError, load_state_dict_file
 from mmkd.heads import ShapeMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
