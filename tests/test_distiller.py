@@ -124,6 +124,11 @@ def test_teacher_unchanged_and_not_in_student_checkpoint(teacher_in_place: Path)
 
     lightning_cli(["validate", "-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT,
                    "--ckpt_path=runs/students/fmnist_fitnets/last.ckpt"])  # fmt: skip
+    predict = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT, "--trainer.limit_predict_batches=1"], run=False)
+    [predictions] = predict.trainer.predict(predict.model, datamodule=predict.datamodule,
+                                            ckpt_path="runs/students/fmnist_fitnets/last.ckpt")  # fmt: skip
+    assert predictions["probs"].shape == (256, 10) and torch.allclose(predictions["probs"].sum(1), torch.ones(256))
+    assert predictions["index"].tolist() == list(range(256))
 
     other = torch.load(teacher_in_place, weights_only=True)
     other["state_dict"]["model.fc.bias"] += 1.0
