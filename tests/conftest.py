@@ -11,9 +11,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-DATA_ROOT = Path(os.environ.get("MMKD_DATA") or SHARED_DATA)
+DATA_ROOT = Path(os.environ.get("MMKD_DATA") or SHARED_DATA).resolve()  # tests chdir into tmp dirs
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before the
+# kernels are defined (at import of mmkd.losses).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -95,9 +95,10 @@ def test_shipped_config_trains_and_logs_every_term(config: str, teacher_in_place
 
 def test_cli_overrides_reach_the_loss(teacher_in_place: Path) -> None:
     cli = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_kd.yaml"), "--model.init_args.temperature=2.5",
-                         "--model.init_args.kd_weight=0.7"], run=False)  # fmt: skip
+                         "--model.init_args.kd_weight=0.7", "--model.init_args.loss_impl=eager"], run=False)  # fmt: skip
     assert cli.model.terms["kd"].loss.temperature == 2.5
     assert cli.model.terms["kd"].loss.loss_weight == 0.7
+    assert cli.model.terms["kd"].loss.impl == "eager"
 
 
 def test_teacher_unchanged_and_not_in_student_checkpoint(teacher_in_place: Path) -> None:

@@ -37,6 +37,31 @@ RECIPES = {
 }
 
 
+TEACHER_RECIPE = "configs/teachers/fmnist_resnet10t.yaml"
+
+
+def finished_checkpoint(run_dir: str, epochs: int | None) -> bool:
+    """``run_dir/last.ckpt`` exists and holds the last epoch (not a run killed half-way)."""
+    path = Path(run_dir) / "last.ckpt"
+    if not path.is_file():
+        return False
+    return epochs is None or torch.load(path, map_location="cpu", weights_only=True)["epoch"] + 1 >= epochs
+
+
+def run_once(config: str, run_dir: str, overrides: list[str], reuse: bool, epochs: int | None) -> dict:
+    """Fit and test once; the result is kept in ``run_dir/result.json`` so that an interrupted
+    benchmark starts again where it stopped."""
+    result_file = Path(run_dir) / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    if reuse and finished_checkpoint(run_dir, epochs):
+        print(f"  (testing the existing {run_dir}/last.ckpt)", flush=True)
+        return evaluate_checkpoint(config, f"{run_dir}/last.ckpt", overrides)
+    result = fit_and_test(config, overrides)
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["kd", "dkd", "fitnets"], choices=[m for m in RECIPES if m != "student_alone"])
@@ -45,42 +70,34 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=None)
     parser.add_argument("--out", default="bench/kd_fmnist.json")
     parser.add_argument("--workdir", default="runs/bench_kd")
-    parser.add_argument("--reuse-teachers", action="store_true", help="test an existing teacher checkpoint instead of training it")
+    parser.add_argument("--reuse", action="store_true",
+                        help="test the final checkpoint of a run that has one instead of training it again "
+                             "(a run's result.json, written when it finishes, is always reused)")  # fmt: skip
     args = parser.parse_args()
 
     results: dict[str, list[dict]] = {}
     started = time.time()
     for seed in args.seeds:
-        teacher_dir = f"{args.workdir}/seed{seed}/teacher"
-        common = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}", "--trainer.enable_progress_bar=false"]
-        teacher_overrides = [*common, f"--trainer.callbacks.init_args.dirpath={teacher_dir}",
-                             f"--trainer.logger.init_args.save_dir={args.workdir}/seed{seed}/logs"]
-        if args.teacher_epochs:
-            teacher_overrides.append(f"--trainer.max_epochs={args.teacher_epochs}")
-        teacher_config = "configs/teachers/fmnist_resnet10t.yaml"
-        if args.reuse_teachers and Path(f"{teacher_dir}/last.ckpt").is_file():
-            print(f"[seed {seed}] teacher (reused {teacher_dir}/last.ckpt)", flush=True)
-            teacher = evaluate_checkpoint(teacher_config, f"{teacher_dir}/last.ckpt", teacher_overrides)
-        else:
-            print(f"[seed {seed}] teacher", flush=True)
-            teacher = fit_and_test(teacher_config, teacher_overrides)
-        results.setdefault("teacher", []).append({"seed": seed, **teacher})
-        for method in ["student_alone", *args.methods]:
-            overrides = [*common, f"--trainer.callbacks.init_args.dirpath={args.workdir}/seed{seed}/{method}",
-                         f"--trainer.logger.init_args.save_dir={args.workdir}/seed{seed}/logs"]
-            if method != "student_alone":
-                overrides.append(f"--model.init_args.teacher.init_args.checkpoint={teacher_dir}/last.ckpt")
-            if args.epochs:
-                overrides.append(f"--trainer.max_epochs={args.epochs}")
-            print(f"[seed {seed}] {method}", flush=True)
-            results.setdefault(method, []).append({"seed": seed, **fit_and_test(RECIPES[method], overrides)})
+        seed_dir = f"{args.workdir}/seed{seed}"
+        teacher_ckpt = f"{seed_dir}/teacher/last.ckpt"
+        common = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}", "--trainer.enable_progress_bar=false",
+                  f"--trainer.logger.init_args.save_dir={seed_dir}/logs"]  # fmt: skip
+        runs = [("teacher", TEACHER_RECIPE, args.teacher_epochs), *((m, RECIPES[m], args.epochs) for m in ["student_alone", *args.methods])]
+        for name, config, epochs in runs:
+            overrides = [*common, f"--trainer.callbacks.init_args.dirpath={seed_dir}/{name}"]
+            if name not in ("teacher", "student_alone"):
+                overrides.append(f"--model.init_args.teacher.init_args.checkpoint={teacher_ckpt}")
+            if epochs:
+                overrides.append(f"--trainer.max_epochs={epochs}")
+            print(f"[seed {seed}] {name}", flush=True)
+            results.setdefault(name, []).append({"seed": seed, **run_once(config, f"{seed_dir}/{name}", overrides, args.reuse, epochs)})
 
     summary = {
         name: {
             "test_acc_mean": statistics.mean(r["test/acc"] for r in runs),
             "test_acc_per_seed": [r["test/acc"] for r in runs],
             "params": runs[0]["params"],
-            # a reused teacher was not fitted in this run: no time to report for it
+            # a reused checkpoint was not fitted in this run: no time to report for it
             "fit_seconds_mean": statistics.mean(times) if (times := [r["fit_seconds"] for r in runs if "fit_seconds" in r]) else None,
         }
         for name, runs in results.items()

@@ -12,6 +12,7 @@ from torch import nn
 
 from mmkd.core import Distiller, LossTerm
 from mmkd.losses import ATLoss, DKDLoss, FitNetsLoss, KDLoss, RKDLoss
+from mmkd.losses.fused import LossImpl
 
 
 class KD(Distiller):
@@ -22,6 +23,7 @@ class KD(Distiller):
         kd_weight: weight of the KD term (0.9).
         ce_weight: weight of the label cross-entropy (0.1).
         reverse: reverse KL, ``KL(p_s || p_t)``.
+        loss_impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"eager"`` (see :mod:`mmkd.losses.fused`).
     """
 
     def __init__(
@@ -32,9 +34,10 @@ class KD(Distiller):
         kd_weight: float = 0.9,
         ce_weight: float = 0.1,
         reverse: bool = False,
+        loss_impl: LossImpl = "auto",
         **kwargs: Any,
     ) -> None:
-        kd = LossTerm("kd", KDLoss(temperature, reverse=reverse, loss_weight=kd_weight))
+        kd = LossTerm("kd", KDLoss(temperature, reverse=reverse, loss_weight=kd_weight, impl=loss_impl))
         super().__init__(student, teacher, terms=[kd], ce_weight=ce_weight, **kwargs)
 
 
@@ -82,6 +85,7 @@ class FitNets(Distiller):
             ``ConvReg`` is ``"conv3x3_bn"`` with a ReLU).
         feat_weight: weight of the hint loss (100).
         ce_weight: (1.0).
+        loss_impl: as :class:`KD`.
     """
 
     def __init__(
@@ -93,9 +97,10 @@ class FitNets(Distiller):
         head: str = "conv1x1_bn",
         feat_weight: float = 100.0,
         ce_weight: float = 1.0,
+        loss_impl: LossImpl = "auto",
         **kwargs: Any,
     ) -> None:
-        hint = LossTerm("hint", FitNetsLoss(loss_weight=feat_weight), student_layer, teacher_layer, head)
+        hint = LossTerm("hint", FitNetsLoss(loss_weight=feat_weight, impl=loss_impl), student_layer, teacher_layer, head)
         super().__init__(student, teacher, terms=[hint], ce_weight=ce_weight, **kwargs)
 
 

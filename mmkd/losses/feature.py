@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkd.losses.fused import LossImpl, fused_feature_loss
+
 FeatureLossKind = Literal["mse", "smooth_l1", "cosine"]
 
 
@@ -89,16 +91,25 @@ class FeatureLoss(nn.Module):
         normalize_target: parameter-free LayerNorm on the teacher feature.
         beta: smooth-L1 transition point.
         loss_weight: multiplies the loss.
+        impl: ``"auto"`` (fused: Triton on CUDA, chunked elsewhere), ``"triton"``, ``"chunked"``
+            or ``"eager"``; see :mod:`mmkd.losses.fused`.
     """
 
     requires_equal_shapes = True
 
-    def __init__(self, kind: FeatureLossKind = "mse", normalize_target: bool = False, beta: float = 1.0, loss_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        kind: FeatureLossKind = "mse",
+        normalize_target: bool = False,
+        beta: float = 1.0,
+        loss_weight: float = 1.0,
+        impl: LossImpl = "auto",
+    ) -> None:
         super().__init__()
-        self.kind, self.normalize_target, self.beta, self.loss_weight = kind, normalize_target, beta, loss_weight
+        self.kind, self.normalize_target, self.beta, self.loss_weight, self.impl = kind, normalize_target, beta, loss_weight, impl
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss_weight * feature_loss(pred, target, self.kind, self.normalize_target, self.beta)
+        return self.loss_weight * fused_feature_loss(pred, target, self.kind, self.normalize_target, self.beta, self.impl)
 
 
 class FitNetsLoss(nn.Module):
@@ -106,16 +117,17 @@ class FitNetsLoss(nn.Module):
 
     Args:
         loss_weight: multiplies the loss (mdistiller's default is 100).
+        impl: as :class:`FeatureLoss`.
     """
 
     requires_equal_shapes = True
 
-    def __init__(self, loss_weight: float = 100.0) -> None:
+    def __init__(self, loss_weight: float = 100.0, impl: LossImpl = "auto") -> None:
         super().__init__()
-        self.loss_weight = loss_weight
+        self.loss_weight, self.impl = loss_weight, impl
 
     def forward(self, student_hint: torch.Tensor, teacher_hint: torch.Tensor) -> torch.Tensor:
-        return self.loss_weight * fitnets_loss(student_hint, teacher_hint)
+        return self.loss_weight * fused_feature_loss(student_hint, teacher_hint, "mse", impl=self.impl)
 
 
 class ATLoss(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkd.losses.fused import LossImpl, fused_kd_loss
+
 
 def kd_loss(
     student_logits: torch.Tensor,
@@ -67,16 +69,18 @@ class KDLoss(nn.Module):
         temperature: softmax temperature T; the loss is scaled by T^2.
         reverse: KL(student || teacher) instead of KL(teacher || student).
         loss_weight: multiplies the loss.
+        impl: ``"auto"`` (fused: Triton on CUDA, chunked elsewhere), ``"triton"``, ``"chunked"``
+            or ``"eager"`` (the reference under autograd); see :mod:`mmkd.losses.fused`.
     """
 
     requires_equal_shapes = True
 
-    def __init__(self, temperature: float = 4.0, reverse: bool = False, loss_weight: float = 1.0) -> None:
+    def __init__(self, temperature: float = 4.0, reverse: bool = False, loss_weight: float = 1.0, impl: LossImpl = "auto") -> None:
         super().__init__()
-        self.temperature, self.reverse, self.loss_weight = temperature, reverse, loss_weight
+        self.temperature, self.reverse, self.loss_weight, self.impl = temperature, reverse, loss_weight, impl
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return self.loss_weight * kd_loss(student_logits, teacher_logits, self.temperature, self.reverse)
+        return self.loss_weight * fused_kd_loss(student_logits, teacher_logits, self.temperature, self.reverse, self.impl)
 
 
 class DKDLoss(nn.Module):

@@ -1,0 +1,137 @@
+"""The fused losses against the eager reference, forward and backward: the chunked torch path and
+the Triton kernels (in Triton's interpreter on CPU, on the GPU where there is one), fp32 and
+bf16, odd sizes, several blocks per row, non-contiguous inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmkd.losses import FeatureLoss, KDLoss, feature_loss, kd_loss
+from mmkd.losses.fused import HAS_TRITON, fused_feature_loss, fused_kd_loss, resolve_impl
+
+# padded rows of a block compute -inf - -inf in the interpreter; they are masked out of every store
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+# (loss rtol, gradient tolerance relative to the gradient's largest entry)
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-4, 1e-2)}
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    scale = expected.abs().max().clamp_min(1e-12)
+    assert ((got.float() - expected.float()).abs().max() / scale).item() < tol
+
+
+def reference_and_fused(loss_ref, loss_fused, inputs, weight=1.7):
+    """Loss and input gradients of both, with a non-unit upstream gradient (a loss weight)."""
+    ref_inputs = [x.detach().float().requires_grad_(x.requires_grad) for x in inputs]
+    ref = loss_ref(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref * weight, [x for x in ref_inputs if x.requires_grad])
+    fused = loss_fused(*inputs)
+    fused_grads = torch.autograd.grad(fused * weight, [x for x in inputs if x.requires_grad])
+    return ref, ref_grads, fused, fused_grads
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 10), (3, 5, 37), (4, 5000)])  # 5000: two blocks of 4096 per row
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kd_matches_reference(impl: str, dtype: torch.dtype, shape: tuple, reverse: bool) -> None:
+    torch.manual_seed(0)
+    student = (3 * torch.randn(shape, device=DEVICE)).to(dtype).requires_grad_()
+    teacher = (3 * torch.randn(shape, device=DEVICE)).to(dtype).requires_grad_()  # mutual learning: both get gradients
+    ref, ref_grads, fused, fused_grads = reference_and_fused(
+        lambda s, t: kd_loss(s, t, 2.0, reverse), lambda s, t: fused_kd_loss(s, t, 2.0, reverse, impl), [student, teacher]
+    )
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    assert fused.dtype == torch.float32
+    assert fused.item() == pytest.approx(ref.item(), rel=loss_tol)
+    for got, expected in zip(fused_grads, ref_grads):
+        assert got.dtype == dtype
+        close(got, expected, grad_tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kd_non_contiguous_inputs(impl: str) -> None:
+    torch.manual_seed(1)
+    wide = torch.randn(9, 16, device=DEVICE)
+    student = wide[:, :11].detach().requires_grad_()  # row stride 16
+    teacher = torch.randn(11, 9, device=DEVICE).t()  # transposed
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    ref, (ref_grad,), fused, (fused_grad,) = reference_and_fused(
+        lambda s, t: kd_loss(s, t, 4.0), lambda s, t: fused_kd_loss(s, t, 4.0, impl=impl), [student, teacher]
+    )
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    close(fused_grad, ref_grad, 1e-5)
+
+
+FEATURE_SHAPES = {
+    "tokens": lambda: torch.randn(2, 9, 33),
+    "tokens_transposed": lambda: torch.randn(2, 33, 9).transpose(1, 2),
+    "nchw": lambda: torch.randn(2, 12, 5, 7),
+    "channels_last": lambda: torch.randn(2, 12, 5, 7).contiguous(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(FEATURE_SHAPES))
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1", "cosine"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_feature_matches_reference(impl: str, dtype: torch.dtype, layout: str, kind: str, normalize: bool) -> None:
+    torch.manual_seed(2)
+    pred = FEATURE_SHAPES[layout]().to(DEVICE, dtype).requires_grad_()
+    target = (2 * FEATURE_SHAPES[layout]() + 1).to(DEVICE, dtype)
+    ref, (ref_grad,), fused, (fused_grad,) = reference_and_fused(
+        lambda p, t: feature_loss(p, t, kind, normalize, beta=2.0),
+        lambda p, t: fused_feature_loss(p, t, kind, normalize, beta=2.0, impl=impl),
+        [pred, target],
+    )
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    assert fused.item() == pytest.approx(ref.item(), rel=loss_tol)
+    assert fused_grad.shape == pred.shape and fused_grad.dtype == dtype
+    close(fused_grad, ref_grad, grad_tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inputs_are_not_modified_and_no_grad_works(impl: str) -> None:
+    torch.manual_seed(3)
+    student, teacher = torch.randn(5, 7, device=DEVICE, requires_grad=True), torch.randn(5, 7, device=DEVICE)
+    pred, target = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True), torch.randn(2, 4, 3, 3, device=DEVICE)
+    saved = [x.detach().clone() for x in (student, teacher, pred, target)]
+    loss = fused_kd_loss(student, teacher, 4.0, impl=impl) + fused_feature_loss(pred, target, "cosine", True, impl=impl)
+    loss.backward()
+    for before, after in zip(saved, (student, teacher, pred, target)):
+        assert torch.equal(before, after.detach())
+    with torch.no_grad():
+        assert fused_kd_loss(student, teacher, 4.0, impl=impl).item() == pytest.approx(kd_loss(student, teacher, 4.0).item(), rel=1e-5)
+
+
+def test_loss_modules_dispatch_and_agree() -> None:
+    student, teacher = torch.randn(6, 10), torch.randn(6, 10)
+    values = {impl: KDLoss(2.0, loss_weight=0.5, impl=impl)(student, teacher).item() for impl in ("auto", "chunked", "eager")}
+    assert values["auto"] == pytest.approx(values["eager"], rel=1e-6) and values["chunked"] == values["auto"]
+    pred, target = torch.randn(4, 16), torch.randn(4, 16)
+    eager = FeatureLoss("smooth_l1", True, beta=2.0, impl="eager")(pred, target)
+    assert FeatureLoss("smooth_l1", True, beta=2.0)(pred, target).item() == pytest.approx(eager.item(), rel=1e-6)
+
+
+def test_second_backward_is_refused() -> None:
+    student = torch.randn(4, 5, requires_grad=True)
+    loss = fused_kd_loss(student, torch.randn(4, 5), impl="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated twice; use impl='eager'"):
+        loss.backward()
+
+
+def test_impl_errors_say_what_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="unknown loss impl 'fast'; choose one of auto, triton, chunked, eager"):
+        resolve_impl("fast", torch.zeros(1))
+    assert resolve_impl("auto", torch.zeros(1)) == "chunked"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if HAS_TRITON:
+        with pytest.raises(RuntimeError, match="needs CUDA tensors .* impl='chunked'"):
+            resolve_impl("triton", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"logit shapes differ: student \[2, 3\] vs teacher \[2, 4\]"):
+        fused_kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
