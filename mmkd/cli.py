@@ -20,6 +20,8 @@ tools:
   inspect    list a model's module paths with output shapes, to choose what to distil:
              mmkd inspect resnet18 --input-size 1 28 28
              mmkd inspect -c configs/kd/fmnist_fitnets.yaml
+  cache      run a config's teacher once and store its outputs (train with them after):
+             mmkd cache -c configs/kd/fmnist_kd.yaml --out runs/cache/kd --data.init_args.augment=false
 
 Run `mmkd COMMAND --help` for the options of one command.
 """
@@ -100,7 +102,35 @@ def inspect_main(argv: Sequence[str]) -> None:
         print_inspection(title, inspect_modules(model, torch.zeros(1, *size)), max_depth=args.depth)
 
 
-COMMANDS = {"inspect": inspect_main}
+def cache_main(argv: Sequence[str]) -> None:
+    from mmkd.core import Distiller, TeacherCacheError, build_teacher_cache
+
+    parser = argparse.ArgumentParser(
+        prog="mmkd cache",
+        description="Run a distillation config's teacher once over its training split and store its logits and "
+        "tapped features by sample index; then train with --model.init_args.teacher_cache=OUT. Needs a "
+        "training split without random augmentation. Other arguments are config overrides.",
+    )
+    parser.add_argument("-c", "--config", required=True, help="a distillation config")
+    parser.add_argument("--out", required=True, help="the cache folder to write")
+    parser.add_argument("--topk", type=int, default=None, help="store only the k largest logits (and one tail logit)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    args, overrides = parser.parse_known_args(list(argv))
+    cli = lightning_cli(["-c", args.config, *overrides], run=False)
+    if not isinstance(cli.model, Distiller):
+        parser.error(f"{args.config} trains a {type(cli.model).__name__}, not a distiller: there is no teacher to cache")
+    try:
+        cache = build_teacher_cache(cli.model, cli.datamodule, args.out, args.topk, args.dtype, args.batch_size, args.overwrite)
+    except (TeacherCacheError, FileExistsError) as err:
+        print(f"mmkd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    size = sum(f.stat().st_size for f in cache.path.iterdir())
+    print(f"wrote {cache.path}: {len(cache)} samples, {', '.join(cache.sources)}, {size / 2**20:.1f} MiB")
+
+
+COMMANDS = {"inspect": inspect_main, "cache": cache_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

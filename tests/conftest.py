@@ -4,6 +4,7 @@ where that folder is absent (a user's clone), the data-dependent tests are skipp
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,33 @@ def _data_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs write runs/ and logs relative to the working directory: keep them in tmp."""
     monkeypatch.chdir(tmp_path)
+
+
+# -- a teacher trained once per session by the shipped recipe, for the distillation tests --------
+CONFIGS = REPO / "configs"
+TEACHER_CKPT = "runs/teachers/fmnist_resnet10t/last.ckpt"  # where configs/kd/*.yaml look for it
+SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+         "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """A teacher trained for 40 real batches with the shipped teacher recipe."""
+    from mmkd.cli import lightning_cli  # imported late: mmkd must see TRITON_INTERPRET set above
+
+    workdir = tmp_path_factory.mktemp("teacher")
+    lightning_cli([
+        "fit", "-c", str(CONFIGS / "teachers/fmnist_resnet10t.yaml"), *SHORT, "--trainer.limit_train_batches=40",
+        f"--trainer.callbacks.init_args.dirpath={workdir}", f"--trainer.logger.init_args.save_dir={workdir}/logs",
+        f"--data.init_args.root={data_root}",
+    ])  # fmt: skip
+    return workdir / "last.ckpt"
+
+
+@pytest.fixture
+def teacher_in_place(trained_teacher: Path) -> Path:
+    """The teacher copied to where the shipped KD configs expect it, under the test's cwd."""
+    target = Path(TEACHER_CKPT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(trained_teacher, target)
+    return target

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,32 +14,7 @@ from mmkd.cli import ConfigError, lightning_cli, main
 from mmkd.core import NonFiniteLossError, load_state_dict_file
 from mmkd.heads import ShapeMismatchError
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-TEACHER_CKPT = "runs/teachers/fmnist_resnet10t/last.ckpt"  # where configs/kd/*.yaml look for it
-SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-         "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def trained_teacher(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
-    """A teacher trained for 40 real batches with the shipped teacher recipe."""
-    workdir = tmp_path_factory.mktemp("teacher")
-    lightning_cli([
-        "fit", "-c", str(CONFIGS / "teachers/fmnist_resnet10t.yaml"), *SHORT, "--trainer.limit_train_batches=40",
-        f"--trainer.callbacks.init_args.dirpath={workdir}", f"--trainer.logger.init_args.save_dir={workdir}/logs",
-        f"--data.init_args.root={data_root}",
-    ])  # fmt: skip
-    return workdir / "last.ckpt"
-
-
-@pytest.fixture
-def teacher_in_place(trained_teacher: Path) -> Path:
-    """The teacher copied to where the shipped KD configs expect it, under the test's cwd."""
-    target = Path(TEACHER_CKPT)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(trained_teacher, target)
-    return target
+from conftest import CONFIGS, SHORT, TEACHER_CKPT  # noqa: E402
 
 
 def logged_columns(log_root: Path) -> set[str]:

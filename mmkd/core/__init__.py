@@ -1,5 +1,6 @@
 """The distillation core: frozen teacher, feature taps, the Distiller LightningModule."""
 
+from mmkd.core.cache import TeacherCache, TeacherCacheError, build_teacher_cache
 from mmkd.core.checkpoint import load_state_dict_file, load_weights, sha256_file, state_dict_sha256
 from mmkd.core.classifier import Classifier, NonFiniteLossError
 from mmkd.core.distiller import LOGITS, Distiller, LossTerm
@@ -8,6 +9,6 @@ from mmkd.core.teacher import Teacher
 
 __all__ = [
     "LOGITS", "Classifier", "Distiller", "FeatureTap", "LossTerm", "NonFiniteLossError", "Teacher",
-    "UnknownModulePathError", "get_module", "load_state_dict_file", "load_weights", "sha256_file",
+    "TeacherCache", "TeacherCacheError", "UnknownModulePathError", "build_teacher_cache", "get_module", "load_state_dict_file", "load_weights", "sha256_file",
     "state_dict_sha256",
 ]  # fmt: skip

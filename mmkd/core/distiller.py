@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mmkd.core.cache import TeacherCache, TeacherCacheError
 from mmkd.core.classifier import Classifier
 from mmkd.core.taps import FeatureTap
 from mmkd.core.teacher import Teacher
@@ -88,6 +89,9 @@ class Distiller(Classifier):
         terms: the distillation terms.
         ce_weight: weight of the cross-entropy on labels (0 disables it).
         input_size: input shape without batch, e.g. ``[1, 28, 28]``; default from the data module.
+        teacher_cache: a folder built by ``mmkd cache`` (see :mod:`mmkd.core.cache`): training
+            steps read the teacher's outputs from it instead of running the teacher; validation
+            still runs the teacher. Checked against the teacher weights, data and transform.
         **kwargs: optimisation and data keys of :class:`~mmkd.core.classifier.Classifier`.
     """
 
@@ -98,6 +102,7 @@ class Distiller(Classifier):
         terms: list[LossTerm] | None = None,
         ce_weight: float = 1.0,
         input_size: list[int] | None = None,
+        teacher_cache: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model=student, **kwargs)
@@ -114,6 +119,8 @@ class Distiller(Classifier):
         self.teacher_val_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.teacher_val_result: float | None = None
         self.feature_shapes: dict[str, dict[str, list[int]]] | None = None
+        self.teacher_cache = teacher_cache
+        self._cache: TeacherCache | None = None
 
     @property
     def student(self) -> nn.Module:
@@ -123,6 +130,22 @@ class Distiller(Classifier):
     def setup(self, stage: str) -> None:
         if self.feature_shapes is None:
             self.build_heads(self.observe_shapes())
+        if stage == "fit" and self.teacher_cache and self._cache is None:
+            self._cache = self.open_teacher_cache()
+
+    def teacher_cache_fingerprint(self, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
+        """What, besides the teacher's weights, must match for cached outputs to be valid."""
+        return {**data_fingerprint, "teacher_input": f"{type(self).teacher_input.__module__}.{type(self).teacher_input.__qualname__}"}
+
+    def open_teacher_cache(self) -> TeacherCache:
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "teacher_cache_loader"):
+            raise TeacherCacheError(f"{type(datamodule).__name__} does not declare teacher_cache_loader(); it cannot use a teacher cache")
+        _, data_fingerprint = datamodule.teacher_cache_loader(1)
+        cache = TeacherCache(self.teacher_cache)
+        needed = {LOGITS, *self.teacher_tap.paths}
+        cache.verify(self.teacher.reference()["weights_sha256"], self.teacher_cache_fingerprint(data_fingerprint), needed)
+        return cache
 
     def example_input(self) -> torch.Tensor:
         size = self.input_size
@@ -167,7 +190,10 @@ class Distiller(Classifier):
     def distillation_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         images, labels = batch[self.input_key], batch[self.label_key]
         student = {LOGITS: self.model(images), **self.student_tap.pop()}
-        teacher = {LOGITS: self.teacher(self.teacher_input(images)), **self.teacher_tap.pop()}
+        if self._cache is not None and self.training:
+            teacher = self._cache.lookup(batch["index"], images.device)
+        else:
+            teacher = {LOGITS: self.teacher(self.teacher_input(images)), **self.teacher_tap.pop()}
         losses = {"ce": self.ce_weight * self.ce_loss(student[LOGITS], labels)} if self.ce_weight else {}
         for name, term in self.terms.items():
             value = term(student[term.student_source], teacher[term.teacher_source], labels)

@@ -144,6 +144,24 @@ class IDXImageDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def teacher_cache_loader(self, batch_size: int) -> tuple[DataLoader, dict]:
+        """The training split in index order for a teacher-output cache, and its fingerprint
+        (content, normalisation, transform). Refused with random augmentation (see mmkd.core.cache)."""
+        from mmkd.core.cache import TeacherCacheError, tensor_sha256
+
+        if self.augment:
+            raise TeacherCacheError(
+                f"{type(self).__name__} augments the training images at random, so the teacher would see other "
+                "inputs than the cached ones: set --data.init_args.augment=false to use a teacher cache"
+            )
+        train = self.splits["train"]
+        fingerprint = {
+            "data": type(self).__name__, "train_samples": len(train),
+            "train_sha256": tensor_sha256(train.images, train.labels),
+            "normalize": [train.mean, train.std], "augment": False,
+        }  # fmt: skip
+        return self._loader("train", batch_size), fingerprint
+
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShuffleSampler(len(self.splits["train"]), seed=self.seed)
         return self._loader("train", self.batch_size, sampler)
