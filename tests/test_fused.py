@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmkd.losses import FeatureLoss, KDLoss, feature_loss, kd_loss
-from mmkd.losses.fused import HAS_TRITON, fused_feature_loss, fused_kd_loss, resolve_impl
+from mmkd.losses.fused import AUTO_COMPILE_MIN_ELEMENTS, HAS_TRITON, fused_feature_loss, fused_kd_loss, resolve_impl
 
 # padded rows of a block compute -inf - -inf in the interpreter; they are masked out of every store
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -108,10 +108,20 @@ def test_inputs_are_not_modified_and_no_grad_works(impl: str) -> None:
         assert fused_kd_loss(student, teacher, 4.0, impl=impl).item() == pytest.approx(kd_loss(student, teacher, 4.0).item(), rel=1e-5)
 
 
+def test_compiled_matches_reference() -> None:
+    torch.manual_seed(4)
+    student, teacher = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10)
+    ref, (ref_grad,), fused, (fused_grad,) = reference_and_fused(
+        lambda s, t: kd_loss(s, t, 2.0), lambda s, t: fused_kd_loss(s, t, 2.0, impl="compiled"), [student, teacher]
+    )
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    close(fused_grad, ref_grad, 1e-5)
+
+
 def test_loss_modules_dispatch_and_agree() -> None:
     student, teacher = torch.randn(6, 10), torch.randn(6, 10)
     values = {impl: KDLoss(2.0, loss_weight=0.5, impl=impl)(student, teacher).item() for impl in ("auto", "chunked", "eager")}
-    assert values["auto"] == pytest.approx(values["eager"], rel=1e-6) and values["chunked"] == values["auto"]
+    assert values["auto"] == values["eager"] and values["chunked"] == pytest.approx(values["eager"], rel=1e-6)
     pred, target = torch.randn(4, 16), torch.randn(4, 16)
     eager = FeatureLoss("smooth_l1", True, beta=2.0, impl="eager")(pred, target)
     assert FeatureLoss("smooth_l1", True, beta=2.0)(pred, target).item() == pytest.approx(eager.item(), rel=1e-6)
@@ -126,9 +136,10 @@ def test_second_backward_is_refused() -> None:
 
 
 def test_impl_errors_say_what_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="unknown loss impl 'fast'; choose one of auto, triton, chunked, eager"):
+    with pytest.raises(ValueError, match="unknown loss impl 'fast'; choose one of auto, triton, compiled, chunked, eager"):
         resolve_impl("fast", torch.zeros(1))
-    assert resolve_impl("auto", torch.zeros(1)) == "chunked"
+    assert resolve_impl("auto", torch.zeros(1)) == "eager"  # small CPU inputs: compiling would not pay
+    assert resolve_impl("auto", torch.zeros(AUTO_COMPILE_MIN_ELEMENTS)) == "compiled"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if HAS_TRITON:
         with pytest.raises(RuntimeError, match="needs CUDA tensors .* impl='chunked'"):

@@ -46,6 +46,9 @@ class Classifier(L.LightningModule):
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
         label_smoothing: for the cross-entropy.
         check_finite: stop training with the name of the term when a loss is NaN/inf.
+        channels_last: keep the model (and a distiller's teacher) and the 4-D inputs in NHWC
+            memory format.
+        compile_model: ``nn.Module.compile()`` the model (state-dict keys unchanged).
     """
 
     def __init__(
@@ -60,9 +63,16 @@ class Classifier(L.LightningModule):
         check_finite: bool = True,
         input_key: str = "image",
         label_key: str = "label",
+        channels_last: bool = False,
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile_model:
+            self.model.compile()
         self.num_classes = num_classes
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.lr_schedule, self.warmup_epochs = lr_schedule, warmup_epochs
@@ -74,6 +84,11 @@ class Classifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.channels_last and isinstance(batch, dict) and getattr(batch.get(self.input_key), "ndim", 0) == 4:
+            batch = {**batch, self.input_key: batch[self.input_key].contiguous(memory_format=torch.channels_last)}
+        return batch
 
     # -- training ------------------------------------------------------------------------------
     def ce_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,8 @@ class Distiller(Classifier):
     ) -> None:
         super().__init__(model=student, **kwargs)
         self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
+        if self.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
         terms = list(terms or [])
         names = [term.name for term in terms]
         if len(set(names)) != len(names) or "ce" in names:

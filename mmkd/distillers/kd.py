@@ -23,7 +23,8 @@ class KD(Distiller):
         kd_weight: weight of the KD term (0.9).
         ce_weight: weight of the label cross-entropy (0.1).
         reverse: reverse KL, ``KL(p_s || p_t)``.
-        loss_impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"eager"`` (see :mod:`mmkd.losses.fused`).
+        loss_impl: ``"auto"``, ``"triton"``, ``"compiled"``, ``"chunked"`` or ``"eager"`` (see
+            :mod:`mmkd.losses.fused`).
     """
 
     def __init__(

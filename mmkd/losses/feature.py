@@ -91,8 +91,8 @@ class FeatureLoss(nn.Module):
         normalize_target: parameter-free LayerNorm on the teacher feature.
         beta: smooth-L1 transition point.
         loss_weight: multiplies the loss.
-        impl: ``"auto"`` (fused: Triton on CUDA, chunked elsewhere), ``"triton"``, ``"chunked"``
-            or ``"eager"``; see :mod:`mmkd.losses.fused`.
+        impl: ``"auto"`` (Triton on CUDA; on CPU compiled for large inputs, eager for small),
+            ``"triton"``, ``"compiled"``, ``"chunked"`` or ``"eager"``; see :mod:`mmkd.losses.fused`.
     """
 
     requires_equal_shapes = True

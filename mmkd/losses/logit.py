@@ -69,8 +69,8 @@ class KDLoss(nn.Module):
         temperature: softmax temperature T; the loss is scaled by T^2.
         reverse: KL(student || teacher) instead of KL(teacher || student).
         loss_weight: multiplies the loss.
-        impl: ``"auto"`` (fused: Triton on CUDA, chunked elsewhere), ``"triton"``, ``"chunked"``
-            or ``"eager"`` (the reference under autograd); see :mod:`mmkd.losses.fused`.
+        impl: ``"auto"`` (Triton on CUDA; on CPU compiled for large inputs, eager for small),
+            ``"triton"``, ``"compiled"``, ``"chunked"`` or ``"eager"``; see :mod:`mmkd.losses.fused`.
     """
 
     requires_equal_shapes = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkd.losses.fused import HAS_TRITON, OneShotGradient, resolve_impl, rows_per_chunk
+from mmkd.losses.fused import HAS_TRITON, OneShotGradient, compiled, resolve_impl, rows_per_chunk
 
 KINDS = {"mse": 0, "smooth_l1": 1, "cosine": 2}
 LAYERNORM_EPS = 1e-6  # as normalize_target
@@ -188,8 +188,8 @@ def fused_feature_loss(
     if kind not in KINDS:
         raise ValueError(f"unknown feature loss kind {kind!r}; choose 'mse', 'smooth_l1' or 'cosine'")
     impl = resolve_impl(impl, pred)
-    if impl == "eager":
+    if impl in ("eager", "compiled"):
         from mmkd.losses.feature import feature_loss
 
-        return feature_loss(pred, target, kind, normalize, beta)
+        return (compiled(feature_loss) if impl == "compiled" else feature_loss)(pred, target, kind, normalize, beta)
     return _FusedFeature.apply(pred, target.detach(), kind, bool(normalize), float(beta), impl)

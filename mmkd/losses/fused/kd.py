@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkd.losses.fused import HAS_TRITON, OneShotGradient, resolve_impl, rows_per_chunk
+from mmkd.losses.fused import HAS_TRITON, OneShotGradient, compiled, resolve_impl, rows_per_chunk
 
 if HAS_TRITON:
     import triton
@@ -141,10 +141,10 @@ def fused_kd_loss(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: student {list(student_logits.shape)} vs teacher {list(teacher_logits.shape)}")
     impl = resolve_impl(impl, student_logits)
-    if impl == "eager":
+    if impl in ("eager", "compiled"):
         from mmkd.losses.logit import kd_loss
 
-        return kd_loss(student_logits, teacher_logits, temperature, reverse)
+        return (compiled(kd_loss) if impl == "compiled" else kd_loss)(student_logits, teacher_logits, temperature, reverse)
     num_classes = student_logits.shape[-1]
 
     def rows(logits: torch.Tensor) -> torch.Tensor:
