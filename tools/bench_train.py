@@ -64,7 +64,7 @@ def fit_variant(overrides: list[str], batches: int, warmup: int, workdir: str) -
         "-c", CONFIG, "--data.init_args.augment=false", "--trainer.max_epochs=1",
         f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.callbacks.init_args.dirpath={workdir}/ckpt", *overrides,
+        f"--trainer.callbacks.init_args.dirpath={workdir}/ckpt", f"--trainer.default_root_dir={workdir}", *overrides,
     ], run=False)  # fmt: skip
     timer = StepTimer(warmup)
     cli.trainer.callbacks.append(timer)
