@@ -8,7 +8,7 @@ ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
 export MMKD_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: install demo test test-fast bench-kd clean
+.PHONY: install demo test test-fast bench-kd bench-kd-short bench-losses bench-train clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,19 @@ test: install  ## the whole test suite, slow end-to-end tests included (what CI 
 test-fast: install  ## the default pytest run (slow tests skipped)
 	$(PY) -m pytest
 
-bench-kd: install  ## KD, DKD, FitNets, AT, RKD vs student alone, 2 seeds -> bench/kd_fmnist.json
+bench-kd: install  ## KD, DKD, FitNets vs student alone, 8 epochs, 3 seeds (~80 min) -> bench/kd_fmnist_8ep.json
+	$(PY) tools/bench_kd.py --seeds 0 1 2 --methods kd dkd fitnets --teacher-epochs 8 --epochs 8 \
+		--workdir runs/bench_kd8 --out bench/kd_fmnist_8ep.json
+
+bench-kd-short: install  ## the demo's 4-epoch schedule, all five distillers, 2 seeds -> bench/kd_fmnist.json
 	$(PY) tools/bench_kd.py --methods kd dkd fitnets at rkd
+
+bench-losses: install  ## fused losses vs eager / torch.compile, CPU (and CUDA when there is one) -> bench/losses_*.json
+	$(PY) tools/bench_losses.py
+	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then $(PY) tools/bench_losses.py --device cuda; fi
+
+bench-train: install  ## KD step samples/s: teacher online vs cached, bf16, channels_last, compile -> bench/train_kd_cpu.json
+	$(PY) tools/bench_train.py
 
 clean:
 	rm -rf runs .pytest_cache
