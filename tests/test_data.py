@@ -50,6 +50,19 @@ def test_sampler_order_is_a_function_of_epoch() -> None:
     assert sorted(i for i, _ in first) == list(range(100)) and {e for _, e in first} == {3}
 
 
+def test_sampler_splits_the_epoch_across_ranks_and_is_not_wrapped_by_lightning() -> None:
+    single = EpochShuffleSampler(101, seed=2)
+    single.set_epoch(5)
+    ranks = [EpochShuffleSampler(101, seed=2, num_replicas=2, rank=r) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(5)
+    parts = [list(sampler) for sampler in ranks]
+    assert [len(p) for p in parts] == [51, 51] == [len(s) for s in ranks]  # padded to a multiple of 2
+    interleaved = [key for pair in zip(*parts) for key in pair]
+    assert interleaved[:101] == list(single)  # the single-process order, dealt out in turn
+    assert isinstance(single, torch.utils.data.DistributedSampler)  # Lightning keeps it as it is
+
+
 def test_mnist_10k_digits(data_root: Path) -> None:
     dm = MNISTDataModule(root=str(data_root))
     dm.prepare_data()

@@ -163,3 +163,12 @@ def test_fit_two_epochs_equals_one_plus_resume(teacher_in_place: Path) -> None:
         assert torch.equal(value, resumed["state_dict"][key]), key
     one_epoch = torch.load("resumed/last.ckpt", weights_only=True)
     assert one_epoch["epoch"] == 1
+
+
+def test_channels_last_switch_trains_with_nhwc_weights(teacher_in_place: Path) -> None:
+    cli = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT, "--model.init_args.channels_last=true"], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    for model in (cli.model.student, cli.model.teacher.model):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) and m.in_channels > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])

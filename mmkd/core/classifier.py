@@ -30,6 +30,19 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, cosine: bool) 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
+    first = args[0]
+    if isinstance(first, torch.Tensor) and first.ndim == 4:
+        return (first.contiguous(memory_format=torch.channels_last), *args[1:])
+    return args
+
+
+def to_channels_last(model: nn.Module) -> None:
+    """Weights in NHWC memory format, and 4-D inputs converted on the way in (a forward pre-hook)."""
+    model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(_channels_last_input)
+
+
 class Classifier(L.LightningModule):
     """Cross-entropy training of ``model`` with accuracy on val/test.
 
@@ -70,7 +83,7 @@ class Classifier(L.LightningModule):
         self.model = model
         self.channels_last = channels_last
         if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            to_channels_last(self.model)
         if compile_model:
             self.model.compile()
         self.num_classes = num_classes
@@ -84,11 +97,6 @@ class Classifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.channels_last and isinstance(batch, dict) and getattr(batch.get(self.input_key), "ndim", 0) == 4:
-            batch = {**batch, self.input_key: batch[self.input_key].contiguous(memory_format=torch.channels_last)}
-        return batch
 
     # -- training ------------------------------------------------------------------------------
     def ce_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

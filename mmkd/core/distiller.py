@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmkd.core.cache import TeacherCache, TeacherCacheError
-from mmkd.core.classifier import Classifier
+from mmkd.core.classifier import Classifier, to_channels_last
 from mmkd.core.taps import FeatureTap
 from mmkd.core.teacher import Teacher
 from mmkd.heads import ShapeMismatchError, build_head
@@ -108,7 +108,7 @@ class Distiller(Classifier):
         super().__init__(model=student, **kwargs)
         self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
         if self.channels_last:
-            self.teacher.to(memory_format=torch.channels_last)
+            to_channels_last(self.teacher.model)
         terms = list(terms or [])
         names = [term.name for term in terms]
         if len(set(names)) != len(names) or "ce" in names:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 
 def default_data_root() -> Path:
@@ -45,29 +45,32 @@ def passthrough_collate(batch: dict) -> dict:
     return batch
 
 
-class EpochShuffleSampler(Sampler[tuple[int, int]]):
+class EpochShuffleSampler(DistributedSampler):
     """Shuffles with a permutation derived from (seed, epoch) and yields ``(index, epoch)``.
 
     Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint
     sees exactly the order (and, through the epoch in each key, the augmentation) of an
     uninterrupted run. Unlike ``RandomSampler`` nothing depends on the global RNG.
+
+    Under ``torch.distributed`` each of ``num_replicas`` ranks takes every ``num_replicas``-th
+    entry of the permutation, padded to a multiple of ``num_replicas`` as ``DistributedSampler``
+    does. Being a ``DistributedSampler``, Lightning uses it as it is instead of wrapping it (a
+    wrapper would not forward ``set_epoch``, and every epoch would repeat the first one's order).
     """
 
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
+        rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.dataset_size = num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        for index in torch.randperm(self.num_samples, generator=generator).tolist():
+        order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        order += order[: self.total_size - len(order)]  # pad so every rank gets as many
+        for index in order[self.rank : self.total_size : self.num_replicas]:
             yield index, self.epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class ImageTensorDataset(Dataset):
