@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import machine_info  # noqa: E402
 from mmkd.experiment import evaluate_checkpoint, fit_and_test  # noqa: E402
 
 RECIPES = {
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict[str, list[dict]] = {}
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     for seed in args.seeds:
         seed_dir = f"{args.workdir}/seed{seed}"
         teacher_ckpt = f"{seed_dir}/teacher/last.ckpt"
@@ -108,10 +108,7 @@ def main() -> None:
         "seeds": args.seeds,
         "summary": summary,
         "runs": results,
-        "machine": {
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
-        },
+        "machine": machine_info(load_before),
         "wall_seconds": time.time() - started,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import machine_info  # noqa: E402
 from mmkd.losses import feature_loss, kd_loss  # noqa: E402
 from mmkd.losses.fused import HAS_TRITON, fused_feature_loss, fused_kd_loss  # noqa: E402
 
@@ -217,11 +218,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "copy_bytes_per_second": bandwidth,
         "results": results,
-        "machine": {
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        },
+        "machine": machine_info(load_before),
         "wall_seconds": time.time() - started,
     }  # fmt: skip
     out = Path(args.out or f"bench/losses_{args.device}.json")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import machine_info  # noqa: E402
 from mmkd.cli import lightning_cli, main as mmkd_main  # noqa: E402
 
 CONFIG = str(ROOT / "configs/kd/fmnist_kd.yaml")
@@ -122,11 +122,7 @@ def main() -> None:
         "teacher_flops_per_batch": teacher_flops, "student_flops_per_batch": student_flops,
         "teacher_to_student_flops": teacher_flops / student_flops,
         "cache_build_seconds": cache_seconds, "summary": summary,
-        "machine": {
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        },
+        "machine": machine_info(load_before),
         "wall_seconds": time.time() - started,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -76,19 +76,17 @@ def rows_per_chunk(row_size: int, budget: int = 1 << 20) -> int:
     return max(1, budget // max(1, row_size))
 
 
-class OneShotGradient:
-    """Backward of a loss whose gradient was computed in forward: scale it by ``grad_output`` in
-    place (no second N×C buffer), once. Always a multiply, never a test of ``grad_output == 1``:
-    reading a CUDA value back would stall the host and the asynchronous launches behind it."""
-
-    @staticmethod
-    def scale(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
-        grads = getattr(ctx, "grads", None)
-        if grads is None:
-            raise RuntimeError("a fused mmkd loss was back-propagated twice; use impl='eager' with retain_graph")
-        # dropping ctx's reference lets autograd adopt the buffer as .grad instead of copying it
-        ctx.grads = None
-        return [grad.mul_(grad_output.to(grad.dtype)) if grad is not None else None for grad in grads]
+def scale_saved_gradients(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
+    """Backward of a loss whose gradients were computed in forward (kept in ``ctx.grads``): scale
+    them by ``grad_output`` in place (no second N×C buffer), once. Always a multiply, never a test
+    of ``grad_output == 1``: reading a CUDA value back would stall the host and the asynchronous
+    launches behind it."""
+    grads = getattr(ctx, "grads", None)
+    if grads is None:
+        raise RuntimeError("a fused mmkd loss was back-propagated twice; use impl='eager' with retain_graph")
+    # dropping ctx's reference lets autograd adopt the buffer as .grad instead of copying it
+    ctx.grads = None
+    return [grad.mul_(grad_output.to(grad.dtype)) if grad is not None else None for grad in grads]
 
 
 from mmkd.losses.fused.feature import fused_feature_loss  # noqa: E402

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkd.losses.fused import HAS_TRITON, OneShotGradient, compiled, resolve_impl, rows_per_chunk
+from mmkd.losses.fused import HAS_TRITON, compiled, resolve_impl, rows_per_chunk, scale_saved_gradients
 
 KINDS = {"mse": 0, "smooth_l1": 1, "cosine": 2}
 LAYERNORM_EPS = 1e-6  # as normalize_target
@@ -170,7 +170,7 @@ class _FusedFeature(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = OneShotGradient.scale(ctx, grad_output)
+        (grad,) = scale_saved_gradients(ctx, grad_output)
         return grad, None, None, None, None, None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkd.losses.fused import HAS_TRITON, OneShotGradient, compiled, resolve_impl, rows_per_chunk
+from mmkd.losses.fused import HAS_TRITON, compiled, resolve_impl, rows_per_chunk, scale_saved_gradients
 
 if HAS_TRITON:
     import triton
@@ -123,7 +123,7 @@ class _FusedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_a, grad_b = OneShotGradient.scale(ctx, grad_output)
+        grad_a, grad_b = scale_saved_gradients(ctx, grad_output)
         return grad_a, grad_b, None, None
 
 
