@@ -31,7 +31,7 @@ if HAS_TRITON:
         pred_ptr, target_ptr, grad_ptr, partial_ptr,
         n_rows, n_feat, inner,
         pred_outer, pred_inner, pred_feat, target_outer, target_inner, target_feat, grad_outer, grad_inner, grad_feat,
-        grad_scale, beta,
+        grad_scale, beta, layernorm_eps, cosine_eps,
         KIND: tl.constexpr, NORMALIZE: tl.constexpr, NEED_GRAD: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
     ):  # fmt: skip
@@ -47,7 +47,7 @@ if HAS_TRITON:
             mean = tl.sum(t, 1) / n_feat
             centred = tl.where(mask, t - mean[:, None], 0.0)
             var = tl.sum(centred * centred, 1) / n_feat
-            t = centred * tl.rsqrt(var + 1e-6)[:, None]
+            t = centred * tl.rsqrt(var + layernorm_eps)[:, None]
         diff = x - t
         if KIND == 0:
             loss = tl.sum(tl.sum(diff * diff, 1), 0)
@@ -58,8 +58,8 @@ if HAS_TRITON:
             loss = tl.sum(tl.sum(tl.where(mask, tl.where(small, 0.5 * diff * diff / beta, abs_diff - 0.5 * beta), 0.0), 1), 0)
             grad = tl.where(small, diff / beta, tl.where(diff > 0, 1.0, -1.0))
         else:
-            x_norm = tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-8)
-            t_norm = tl.maximum(tl.sqrt(tl.sum(t * t, 1)), 1e-8)
+            x_norm = tl.maximum(tl.sqrt(tl.sum(x * x, 1)), cosine_eps)
+            t_norm = tl.maximum(tl.sqrt(tl.sum(t * t, 1)), cosine_eps)
             cos = tl.sum(x * t, 1) / (x_norm * t_norm)
             loss = tl.sum(tl.where(row_ok, 1.0 - cos, 0.0), 0)
             grad = (cos / (x_norm * x_norm))[:, None] * x - t / (x_norm * t_norm)[:, None]
@@ -104,7 +104,7 @@ def _feature_triton(pred, target, kind, normalize, beta, grad):
     _feature_kernel[(grid,)](
         pred, target, grad if grad is not None else partial, partial,
         n_rows, n_feat, inner, *pred_strides, *target_strides, *grad_strides,
-        loss_scale, float(beta),
+        loss_scale, float(beta), LAYERNORM_EPS, COSINE_EPS,
         KIND=KINDS[kind], NORMALIZE=normalize, NEED_GRAD=grad is not None, BLOCK_R=block_r, BLOCK_F=block_f,
         num_warps=8 if block_r * block_f >= 4096 else 4,
     )  # fmt: skip
