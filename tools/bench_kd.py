@@ -19,13 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from machine import machine_info  # noqa: E402
-from mmkd.experiment import evaluate_checkpoint, fit_and_test  # noqa: E402
+from benchlib import machine_info, run_once
 
 RECIPES = {
     "student_alone": "configs/kd/fmnist_student_alone.yaml",
@@ -38,28 +32,6 @@ RECIPES = {
 
 
 TEACHER_RECIPE = "configs/teachers/fmnist_resnet10t.yaml"
-
-
-def finished_checkpoint(run_dir: str, epochs: int | None) -> bool:
-    """``run_dir/last.ckpt`` exists and holds the last epoch (not a run killed half-way)."""
-    path = Path(run_dir) / "last.ckpt"
-    if not path.is_file():
-        return False
-    return epochs is None or torch.load(path, map_location="cpu", weights_only=True)["epoch"] + 1 >= epochs
-
-
-def run_once(config: str, run_dir: str, overrides: list[str], reuse: bool, epochs: int | None) -> dict:
-    """Fit and test once; the result is kept in ``run_dir/result.json`` so that an interrupted
-    benchmark starts again where it stopped."""
-    result_file = Path(run_dir) / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    if reuse and finished_checkpoint(run_dir, epochs):
-        print(f"  (testing the existing {run_dir}/last.ckpt)", flush=True)
-        return evaluate_checkpoint(config, f"{run_dir}/last.ckpt", overrides)
-    result = fit_and_test(config, overrides)
-    result_file.write_text(json.dumps(result, indent=2))
-    return result
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import machine_info  # noqa: E402
+from benchlib import machine_info  # noqa: E402
 from mmkd.losses import feature_loss, kd_loss  # noqa: E402
 from mmkd.losses.fused import HAS_TRITON, fused_feature_loss, fused_kd_loss  # noqa: E402
 

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import machine_info  # noqa: E402
+from benchlib import machine_info  # noqa: E402
 from mmkd.cli import lightning_cli, main as mmkd_main  # noqa: E402
 
 CONFIG = str(ROOT / "configs/kd/fmnist_kd.yaml")

@@ -33,7 +33,8 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
     Pickled files are read with ``weights_only=True``. For a Lightning checkpoint the
     ``state_dict`` entry is used. ``prefix`` (e.g. ``"model."``) keeps only keys under it and strips
     it; by default a Lightning checkpoint of an mmkd ``Classifier``/``Distiller`` is stripped of
-    ``model.`` so that the network alone loads.
+    ``model.`` so that the network alone loads. Files that keep the weights under ``"model"``
+    (the MAE and DeiT releases) are read from there.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -54,6 +55,8 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
         state = state["state_dict"]
         if prefix is None and any(k.startswith("model.") for k in state):
             prefix = "model."
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):  # MAE / DeiT release files
+        state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RuntimeError(f"{path} does not hold a state dict of tensors")
     if prefix:
@@ -64,8 +67,14 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
 
 
 def load_weights(module: nn.Module, path: str | Path, prefix: str | None = None) -> None:
-    """Strictly load weights from ``path`` into ``module``; a mismatch names the keys and shapes."""
+    """Strictly load weights from ``path`` into ``module``; a mismatch names the keys and shapes.
+
+    A module with a ``convert_state_dict(state) -> state`` method (like timm's
+    ``checkpoint_filter_fn``) first gets to map another layout of its weights onto its own.
+    """
     state = load_state_dict_file(path, prefix)
+    if hasattr(module, "convert_state_dict"):
+        state = module.convert_state_dict(state)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

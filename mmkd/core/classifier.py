@@ -43,69 +43,41 @@ def to_channels_last(model: nn.Module) -> None:
     model.register_forward_pre_hook(_channels_last_input)
 
 
-class Classifier(L.LightningModule):
-    """Cross-entropy training of ``model`` with accuracy on val/test.
-
-    Batches are dicts with ``input_key`` (default ``"image"``) and ``label_key`` (``"label"``).
-    Logged: ``train/loss_ce``, ``train/loss``, ``val/acc``, ``val/loss``, ``test/acc``,
-    ``test/loss``.
+class TrainingModule(L.LightningModule):
+    """What every mmkd training recipe shares: the optimiser and its schedule (with optional
+    no-decay and layer-decay parameter groups), logging of named loss terms with a stop on NaN,
+    and RNG state in checkpoints so that a resumed run continues the same random streams.
 
     Args:
-        model: the network (``nn.Module`` returning logits).
-        num_classes: number of classes, for the metrics.
         optimizer: optimizer factory (``--model.init_args.optimizer=SGD`` or a class_path dict).
         lr_scheduler: scheduler factory, stepped per epoch; when unset, ``lr_schedule`` applies.
         lr_schedule: per-step ``"cosine"`` decay to zero or ``"constant"``, after warm-up.
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
-        label_smoothing: for the cross-entropy.
+        no_weight_decay_1d: no weight decay on 1-D parameters (norms, biases), as MAE's
+            ``add_weight_decay``.
+        layer_decay: layer-wise lr decay (BEiT/MAE fine-tuning): of ``n`` layer groups (embeddings,
+            each block, head) group ``i`` gets ``lr * layer_decay ** (n - 1 - i)``, through timm's
+            ``param_groups_layer_decay`` and the model's ``group_matcher``. Implies
+            ``no_weight_decay_1d``, and no decay on the names in ``model.no_weight_decay()``.
         check_finite: stop training with the name of the term when a loss is NaN/inf.
-        channels_last: keep the model (and a distiller's teacher) and the 4-D inputs in NHWC
-            memory format.
-        compile_model: ``nn.Module.compile()`` the model (state-dict keys unchanged).
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         warmup_epochs: float = 0.0,
-        label_smoothing: float = 0.0,
+        no_weight_decay_1d: bool = False,
+        layer_decay: float | None = None,
         check_finite: bool = True,
-        input_key: str = "image",
-        label_key: str = "label",
-        channels_last: bool = False,
-        compile_model: bool = False,
     ) -> None:
         super().__init__()
-        self.model = model
-        self.channels_last = channels_last
-        if channels_last:
-            to_channels_last(self.model)
-        if compile_model:
-            self.model.compile()
-        self.num_classes = num_classes
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.lr_schedule, self.warmup_epochs = lr_schedule, warmup_epochs
-        self.label_smoothing, self.check_finite = label_smoothing, check_finite
-        self.input_key, self.label_key = input_key, label_key
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.no_weight_decay_1d, self.layer_decay = no_weight_decay_1d, layer_decay
+        self.check_finite = check_finite
         self._rng_to_restore: dict | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    # -- training ------------------------------------------------------------------------------
-    def ce_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch[self.input_key])
-        labels = batch[self.label_key]
-        return self.total_loss({"ce": self.ce_loss(logits, labels)}, "train", len(labels))
 
     def total_loss(self, losses: dict[str, torch.Tensor], stage: str, batch_size: int) -> torch.Tensor:
         """Sum the named (already weighted) terms, log each as ``{stage}/loss_{name}``, and stop
@@ -119,33 +91,42 @@ class Classifier(L.LightningModule):
                 + ". Training stopped; the last checkpoint is untouched. Lower the learning rate or "
                 "that term's weight, or check the inputs."
             )
+        # Evaluation losses are averaged over ranks; training losses are logged per step, where a
+        # collective per logged value would cost more than it tells.
+        train = stage == "train"
         for name, value in losses.items():
-            self.log(f"{stage}/loss_{name}", value, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
-        self.log(f"{stage}/loss", total, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
+            self.log(f"{stage}/loss_{name}", value, on_step=train, on_epoch=True, batch_size=batch_size, sync_dist=not train)
+        self.log(f"{stage}/loss", total, on_step=train, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=not train)
         return total
 
-    # -- evaluation ----------------------------------------------------------------------------
-    def _evaluate(self, batch: dict, metric: MulticlassAccuracy, stage: str) -> torch.Tensor:
-        logits = self(batch[self.input_key])
-        labels = batch[self.label_key]
-        metric.update(logits, labels)
-        self.log(f"{stage}/loss", self.ce_loss(logits, labels), batch_size=len(labels))
-        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(labels))
-        return logits
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_acc, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_acc, "test")
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = self(batch[self.input_key]).float().softmax(-1)
-        return {"index": batch.get("index"), "probs": probs, "pred": probs.argmax(-1)}
-
     # -- optimisation --------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters as optimizer groups. A group without ``weight_decay`` takes the
+        optimizer's own; ``lr_scale`` multiplies the optimizer's learning rate."""
+        if self.layer_decay is None and not self.no_weight_decay_1d:
+            return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+        if self.layer_decay is None:
+            groups = param_groups_weight_decay(self, weight_decay=1.0)
+        else:
+            model = self.model
+            if not hasattr(model, "group_matcher"):
+                raise ValueError(f"layer_decay needs a model with timm's group_matcher(); {type(model).__name__} has none")
+            no_decay = set(getattr(model, "no_weight_decay", set)())
+            groups = param_groups_layer_decay(model, weight_decay=1.0, no_weight_decay_list=no_decay, layer_decay=self.layer_decay)
+            grouped = {id(p) for group in groups for p in group["params"]}
+            rest = [p for p in self.parameters() if p.requires_grad and id(p) not in grouped]  # e.g. alignment heads
+            groups += [{"params": rest}] if rest else []
+        for group in groups:  # 0 for the no-decay groups; the others take the optimizer's value
+            if group.get("weight_decay", 0.0) != 0.0:
+                del group["weight_decay"]
+        return groups
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer(self.param_groups())
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
         if self.lr_scheduler is not None:
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "epoch"}}
         if self.lr_schedule == "constant" and self.warmup_epochs == 0:
@@ -183,3 +164,95 @@ class Classifier(L.LightningModule):
             np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
             random.setstate(self._rng_to_restore["python"])
             self._rng_to_restore = None
+
+
+class Classifier(TrainingModule):
+    """Cross-entropy training of ``model`` with accuracy on val/test.
+
+    Batches are dicts with ``input_key`` (default ``"image"``) and ``label_key`` (``"label"``).
+    Logged: ``train/loss_ce``, ``train/loss``, ``val/acc``, ``val/loss``, ``test/acc``,
+    ``test/loss``.
+
+    Args:
+        model: the network (``nn.Module`` returning logits).
+        num_classes: number of classes, for the metrics.
+        label_smoothing: for the cross-entropy (with ``mixup``, set it there instead).
+        mixup: keyword arguments of ``timm.data.Mixup`` (``mixup_alpha``, ``cutmix_alpha``,
+            ``label_smoothing``, ...) to mix training batches; the loss becomes soft-target CE.
+        channels_last: keep the model (and a distiller's teacher) and the 4-D inputs in NHWC
+            memory format.
+        compile_model: ``nn.Module.compile()`` the model (state-dict keys unchanged).
+        **kwargs: optimisation keys of :class:`TrainingModule`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int = 10,
+        label_smoothing: float = 0.0,
+        mixup: dict[str, Any] | None = None,
+        input_key: str = "image",
+        label_key: str = "label",
+        channels_last: bool = False,
+        compile_model: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.channels_last = channels_last
+        if channels_last:
+            to_channels_last(self.model)
+        if compile_model:
+            self.model.compile()
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.mixup = None
+        if mixup:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(**{"num_classes": num_classes, **mixup})
+        self.input_key, self.label_key = input_key, label_key
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # -- training ------------------------------------------------------------------------------
+    def ce_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against class indices or (mixed) class probabilities."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix of a training batch when ``mixup`` is set: mixed images and soft targets.
+        timm mixes a batch with its reverse, which needs an even size: an odd batch loses its
+        last sample."""
+        if self.mixup is None:
+            return images, labels
+        if len(images) % 2:
+            images, labels = images[:-1], labels[:-1]
+        return self.mixup(images, labels)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, targets = self.mix(batch[self.input_key], batch[self.label_key])
+        return self.total_loss({"ce": self.ce_loss(self(images), targets)}, "train", len(targets))
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _evaluate(self, batch: dict, metric: MulticlassAccuracy, stage: str) -> torch.Tensor:
+        logits = self(batch[self.input_key])
+        labels = batch[self.label_key]
+        metric.update(logits, labels)
+        self.log(f"{stage}/loss", self.ce_loss(logits, labels), batch_size=len(labels), sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=len(labels))
+        return logits
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_acc, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_acc, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = self(batch[self.input_key]).float().softmax(-1)
+        return {"index": batch.get("index"), "probs": probs, "pred": probs.argmax(-1)}
+

@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmkd.core.cache import TeacherCache, TeacherCacheError
 from mmkd.core.classifier import Classifier, to_channels_last
 from mmkd.core.taps import FeatureTap
-from mmkd.core.teacher import Teacher
+from mmkd.core.teacher import Teacher, drop_teacher_weights, restore_teacher_weights
 from mmkd.heads import ShapeMismatchError, build_head
 
 LOGITS = "logits"
@@ -95,6 +95,8 @@ class Distiller(Classifier):
         **kwargs: optimisation and data keys of :class:`~mmkd.core.classifier.Classifier`.
     """
 
+    supports_mixup = False  # a subclass that mixes batches in its own training step sets True
+
     def __init__(
         self,
         student: nn.Module,
@@ -106,6 +108,8 @@ class Distiller(Classifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(model=student, **kwargs)
+        if self.mixup is not None and not self.supports_mixup:
+            raise ValueError(f"{type(self).__name__} does not support mixup; remove model.init_args.mixup")
         self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
         if self.channels_last:
             to_channels_last(self.teacher.model)
@@ -232,30 +236,13 @@ class Distiller(Classifier):
     # -- checkpoints: no teacher weights, but its reference ------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-        checkpoint["mmkd"].update(
-            teacher=self.teacher.reference(),
-            feature_shapes=self.feature_shapes,
-            teacher_val_acc=self.teacher_val_result,
-        )
+        drop_teacher_weights(checkpoint, self.teacher)
+        checkpoint["mmkd"].update(feature_shapes=self.feature_shapes, teacher_val_acc=self.teacher_val_result)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        restore_teacher_weights(checkpoint, self.teacher)
         info = checkpoint.get("mmkd", {})
-        stored = info.get("teacher")
-        if stored and stored["weights_sha256"] != self.teacher.reference()["weights_sha256"]:
-            raise RuntimeError(
-                f"this checkpoint was trained with another teacher (checkpoint {stored['checkpoint']}, "
-                f"weights sha256 {stored['weights_sha256'][:12]}) than the one configured now "
-                f"({self.teacher.checkpoint}, {self.teacher.reference()['weights_sha256'][:12]}). "
-                "Point the teacher at the original weights."
-            )
         if self.feature_shapes is None and info.get("feature_shapes"):
             self.build_heads(info["feature_shapes"])
         self.teacher_val_result = info.get("teacher_val_acc", self.teacher_val_result)
-        # The teacher's weights come from its own checkpoint, so strict loading sees them as present.
-        state = checkpoint["state_dict"]
-        for key, value in self.teacher.state_dict(prefix="teacher.").items():
-            state.setdefault(key, value)

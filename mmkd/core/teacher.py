@@ -10,6 +10,15 @@ from torch import nn
 from mmkd.core.checkpoint import load_weights, sha256_file, state_dict_sha256
 
 
+def _to_float(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, tuple):
+        values = [_to_float(value) for value in output]
+        return type(output)(*values) if hasattr(output, "_fields") else tuple(values)
+    return output
+
+
 class Teacher(nn.Module):
     """Wraps any module as a frozen teacher.
 
@@ -55,8 +64,8 @@ class Teacher(nn.Module):
         device_type = next(self.model.parameters()).device.type
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.model(*args, **kwargs)
-        if self.bf16 and isinstance(output, torch.Tensor):
-            output = output.float()
+        if self.bf16:
+            output = _to_float(output)
         return output
 
     def reference(self) -> dict[str, str | None]:
@@ -68,3 +77,27 @@ class Teacher(nn.Module):
             "checkpoint_sha256": self.checkpoint_sha256,
             "weights_sha256": self._weights_sha256,
         }
+
+
+def drop_teacher_weights(checkpoint: dict[str, Any], teacher: Teacher, prefix: str = "teacher.") -> None:
+    """Replace the teacher's weights in a Lightning checkpoint by its :meth:`Teacher.reference`."""
+    state = checkpoint["state_dict"]
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+    checkpoint.setdefault("mmkd", {})["teacher"] = teacher.reference()
+
+
+def restore_teacher_weights(checkpoint: dict[str, Any], teacher: Teacher, prefix: str = "teacher.") -> None:
+    """Check that a checkpoint was trained with this teacher, and put its weights back in the
+    state dict so that strict loading finds them (they come from the teacher's own file)."""
+    stored = checkpoint.get("mmkd", {}).get("teacher")
+    if stored and stored["weights_sha256"] != teacher.reference()["weights_sha256"]:
+        raise RuntimeError(
+            f"this checkpoint was trained with another teacher (checkpoint {stored['checkpoint']}, "
+            f"weights sha256 {stored['weights_sha256'][:12]}) than the one configured now "
+            f"({teacher.checkpoint}, {teacher.reference()['weights_sha256'][:12]}). "
+            "Point the teacher at the original weights."
+        )
+    state = checkpoint["state_dict"]
+    for key, value in teacher.state_dict(prefix=prefix).items():
+        state.setdefault(key, value)

@@ -1,6 +1,8 @@
 """Model builders. Every builder returns a plain ``nn.Module`` whose module paths are the
 library's own, so feature taps address ``layer3`` or ``blocks.7`` exactly as in timm."""
 
+from mmkd.models.mae import MAEPretrainer, MaskedAutoencoder, load_mae_encoder, vit_from_mae
 from mmkd.models.timm_models import timm_model
+from mmkd.models.vit import DistilledViT
 
-__all__ = ["timm_model"]
+__all__ = ["DistilledViT", "MAEPretrainer", "MaskedAutoencoder", "load_mae_encoder", "timm_model", "vit_from_mae"]

@@ -1,0 +1,56 @@
+"""Lightning's DDP with two CPU processes (gloo), launched as a user would: `mmkd fit ...
+--trainer.strategy=ddp --trainer.devices=2`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmkd.cli import lightning_cli
+
+from conftest import CONFIGS, SHORT  # noqa: E402
+
+MMKD = str(Path(sys.executable).parent / "mmkd")
+DDP = ["--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2"]
+
+
+def mmkd_fit(config: str, *overrides: str) -> None:
+    done = subprocess.run([MMKD, "fit", "-c", str(CONFIGS / config), *SHORT, *overrides], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def weights(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_ddp_with_two_processes_matches_one_process_with_the_same_global_batch(data_root: Path) -> None:
+    # A LayerNorm ViT (no BatchNorm statistics per rank), no mixup (timm pairs samples within a
+    # batch) and SGD (Adam's normalised steps would amplify float noise in near-zero gradients).
+    common = ["--trainer.limit_train_batches=4", "--model.init_args.mixup=null", "--model.init_args.optimizer.class_path=torch.optim.SGD",
+              "--model.init_args.optimizer.init_args.lr=0.05"]  # fmt: skip
+    mmkd_fit("g2sd/vit_alone.yaml", *common, *DDP, "--data.init_args.batch_size=32", "--trainer.callbacks.init_args.dirpath=ddp")
+    mmkd_fit("g2sd/vit_alone.yaml", *common, "--data.init_args.batch_size=64", "--trainer.callbacks.init_args.dirpath=single")
+    ddp, single = weights("ddp/last.ckpt"), weights("single/last.ckpt")
+    initial = lightning_cli(["-c", str(CONFIGS / "g2sd/vit_alone.yaml"), *SHORT], run=False).model.state_dict()
+    assert any(not torch.equal(single[k], initial[k]) for k in single)  # it trained
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_every_distiller_trains_under_ddp(teacher_in_place: Path) -> None:
+    mmkd_fit("kd/fmnist_kd.yaml", *DDP, "--trainer.callbacks.init_args.dirpath=kd")
+    # G2SD: its teachers by the shipped recipe (one process, a few steps), then both stages under DDP
+    for config in ("g2sd/mae_pretrain.yaml", "g2sd/teacher_finetune.yaml"):
+        lightning_cli(["fit", "-c", str(CONFIGS / config), *SHORT])
+    mmkd_fit("g2sd/generic.yaml", *DDP)
+    mmkd_fit("g2sd/specific.yaml", *DDP)
+    for folder in ("kd", "runs/g2sd/generic", "runs/g2sd/specific"):
+        checkpoint = torch.load(f"{folder}/last.ckpt", map_location="cpu", weights_only=True)
+        assert checkpoint["global_step"] == 3 and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+    assert Path("runs/g2sd/generic/export/encoder.safetensors").is_file()  # written once, by rank 0

@@ -1,0 +1,114 @@
+"""Benchmark G2SD on Fashion-MNIST: the MAE teacher, the small ViT alone, the specific stage
+alone, and G2SD (generic + specific), on several seeds.
+
+    python tools/bench_g2sd.py                                   # configs' schedules, seeds 0 1
+    python tools/bench_g2sd.py --precision bf16-mixed            # on a GPU
+    python tools/bench_g2sd.py --seeds 0 --mae-epochs 2 --generic-epochs 2 --epochs 2   # a quick look
+
+The teacher (MAE pre-training, then fine-tuning) is trained once, with seed 0. For each seed the
+three students share the data order and the specific-stage schedule (configs/g2sd/specific.yaml):
+  vit_alone      configs/g2sd/vit_alone.yaml: labels only, same mixup/cutmix and optimiser
+  specific_only  G2SD's specific stage from a random init (no layer decay: nothing to preserve)
+  g2sd           the generic stage (configs/g2sd/generic.yaml), then the specific stage from it
+Each run keeps its result in <workdir>/.../result.json, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchlib import machine_info, run_once
+
+CONFIGS = "configs/g2sd"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--mae-epochs", type=int, default=None, help="teacher MAE pre-training (default: the config's)")
+    parser.add_argument("--teacher-epochs", type=int, default=None, help="teacher fine-tuning")
+    parser.add_argument("--generic-epochs", type=int, default=None, help="G2SD generic stage")
+    parser.add_argument("--epochs", type=int, default=None, help="the three students' supervised / specific stage")
+    parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed on a GPU")
+    parser.add_argument("--override", action="append", default=[], help="extra CLI override for every run, e.g. --override=--trainer.limit_train_batches=5")
+    parser.add_argument("--out", default="bench/g2sd_fmnist.json")
+    parser.add_argument("--workdir", default="runs/bench_g2sd")
+    args = parser.parse_args()
+
+    work = args.workdir
+    shared = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={work}/logs"]
+    if args.precision:
+        shared.append(f"--trainer.precision={args.precision}")
+    shared += args.override
+
+    def run(name: str, config: str, run_dir: str, seed: int, epochs: int | None, extra: list[str], test: bool = True) -> dict:
+        overrides = [*shared, f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
+                     f"--trainer.callbacks.init_args.dirpath={run_dir}", *extra]  # fmt: skip
+        if epochs:
+            overrides.append(f"--trainer.max_epochs={epochs}")
+        print(f"[seed {seed}] {name}", flush=True)
+        return {"seed": seed, **run_once(f"{CONFIGS}/{config}", run_dir, overrides, reuse=False, epochs=epochs, test=test)}
+
+    started, load_before = time.time(), os.getloadavg()
+    mae = run("mae_pretrain", "mae_pretrain.yaml", f"{work}/mae", 0, args.mae_epochs, [], test=False)
+    teacher = run("teacher", "teacher_finetune.yaml", f"{work}/teacher", 0, args.teacher_epochs,
+                  [f"--model.init_args.model.init_args.checkpoint={work}/mae/last.ckpt"])  # fmt: skip
+    teacher_arg = f"--model.init_args.teacher.init_args.checkpoint={work}/teacher/last.ckpt"
+    results: dict[str, list[dict]] = {"teacher": [teacher]}
+    generic: list[dict] = []
+    for seed in args.seeds:
+        seed_dir = f"{work}/seed{seed}"
+        student_init = "--model.init_args.student.init_args.encoder_checkpoint"
+        results.setdefault("vit_alone", []).append(run("vit_alone", "vit_alone.yaml", f"{seed_dir}/vit_alone", seed, args.epochs, []))
+        results.setdefault("specific_only", []).append(
+            run("specific_only", "specific.yaml", f"{seed_dir}/specific_only", seed, args.epochs,
+                [teacher_arg, f"{student_init}=null", "--model.init_args.layer_decay=null", "--model.init_args.no_weight_decay_1d=true"])
+        )  # fmt: skip
+        generic.append(run("generic", "generic.yaml", f"{seed_dir}/generic", seed, args.generic_epochs,
+                           [f"--model.init_args.teacher.init_args.checkpoint={work}/mae/last.ckpt",
+                            f"--model.init_args.export_dir={seed_dir}/generic/export"], test=False))  # fmt: skip
+        results.setdefault("g2sd", []).append(
+            run("g2sd", "specific.yaml", f"{seed_dir}/g2sd", seed, args.epochs, [teacher_arg, f"{student_init}={seed_dir}/generic/last.ckpt"])
+        )
+
+    teacher_acc = teacher["test/acc"]
+    summary = {
+        name: {
+            "test_acc_mean": statistics.mean(r["test/acc"] for r in runs),
+            "test_acc_per_seed": [r["test/acc"] for r in runs],
+            "share_of_teacher": statistics.mean(r["test/acc"] for r in runs) / teacher_acc,
+            "params": runs[0]["params"],
+            "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in runs),
+        }
+        for name, runs in results.items()
+    }
+    record = {
+        "benchmark": "G2SD on Fashion-MNIST (test split, final weights)",
+        "command": "python " + " ".join(sys.argv),
+        "seeds": args.seeds,
+        "summary": summary,
+        "runs": results,
+        "pretraining": {"mae": mae, "generic": generic},
+        "machine": machine_info(load_before),
+        "wall_seconds": time.time() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    baseline = summary["vit_alone"]["test_acc_mean"]
+    print(f"\n| model | params | test acc (mean of {len(args.seeds)} seeds) | per seed | vs ViT alone | share of teacher |")
+    print("|---|---:|---:|---|---:|---:|")
+    for name, row in summary.items():
+        delta = "" if name in ("teacher", "vit_alone") else f"{100 * (row['test_acc_mean'] - baseline):+.2f} pt"
+        seeds = ", ".join(f"{100 * a:.2f}" for a in row["test_acc_per_seed"])
+        print(f"| {name} | {row['params']:,} | {100 * row['test_acc_mean']:.2f} % | {seeds} | {delta} | {100 * row['share_of_teacher']:.1f} % |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Shared by the benchmarks: what they record beside their figures (software, threads, load,
+accelerator), and resumable fit-and-test runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def machine_info(load_before: tuple[float, float, float]) -> dict:
+    """Platform, versions, thread count, CPUs, the GPU if any, and the load average before and after the run."""
+    return {
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+    }  # fmt: skip
+
+
+def finished_checkpoint(run_dir: str, epochs: int | None) -> bool:
+    """``run_dir/last.ckpt`` exists and holds the last epoch (not a run killed half-way)."""
+    path = Path(run_dir) / "last.ckpt"
+    if not path.is_file():
+        return False
+    return epochs is None or torch.load(path, map_location="cpu", weights_only=True)["epoch"] + 1 >= epochs
+
+
+def run_once(config: str, run_dir: str, overrides: list[str], reuse: bool, epochs: int | None, test: bool = True) -> dict:
+    """Fit and test once; the result is kept in ``run_dir/result.json`` so that an interrupted
+    benchmark starts again where it stopped."""
+    from mmkd.experiment import evaluate_checkpoint, fit_and_test  # late: a benchmark sets its environment first
+
+    result_file = Path(run_dir) / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    if reuse and test and finished_checkpoint(run_dir, epochs):
+        print(f"  (testing the existing {run_dir}/last.ckpt)", flush=True)
+        return evaluate_checkpoint(config, f"{run_dir}/last.ckpt", overrides)
+    result = fit_and_test(config, overrides, test)
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
