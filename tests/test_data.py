@@ -63,6 +63,46 @@ def test_sampler_splits_the_epoch_across_ranks_and_is_not_wrapped_by_lightning()
     assert isinstance(single, torch.utils.data.DistributedSampler)  # Lightning keeps it as it is
 
 
+def test_train_loader_resumes_mid_epoch_and_only_in_that_epoch() -> None:
+    from mmkd.data.common import ResumableDataLoader
+
+    class SampleIndex(torch.utils.data.Dataset):
+        def __getitem__(self, key: tuple[int, int]) -> int:
+            return key[0]
+
+    def loader(rank: int = 0, replicas: int = 1) -> ResumableDataLoader:
+        sampler = EpochShuffleSampler(20, seed=3, num_replicas=replicas, rank=rank)
+        return ResumableDataLoader(SampleIndex(), batch_size=3, sampler=sampler, collate_fn=list)
+
+    straight = loader()
+    straight.sampler.set_epoch(4)
+    batches = list(straight)
+    partial = loader()
+    partial.sampler.set_epoch(4)
+    iterator = iter(partial)
+    seen = [next(iterator), next(iterator)]
+    assert partial.state_dict() == {"epoch": 4, "batches_yielded": 2}
+
+    resumed = loader()
+    resumed.load_state_dict(partial.state_dict())
+    resumed.sampler.set_epoch(4)
+    assert seen + list(resumed) == batches and resumed.batches_yielded == len(batches)
+    resumed.sampler.set_epoch(5)  # the next epoch is whole
+    assert len(list(resumed)) == len(batches)
+    closed = loader()
+    closed.load_state_dict({"epoch": 4, "batches_yielded": 7})
+    closed.sampler.set_epoch(5)  # a checkpoint that closed epoch 4: epoch 5 starts from its beginning
+    assert len(list(closed)) == len(batches)
+    ranks = [loader(rank, 2) for rank in (0, 1)]
+    for rank_loader in ranks:
+        rank_loader.load_state_dict({"epoch": 4, "batches_yielded": 1})
+        rank_loader.sampler.set_epoch(4)
+    whole = [loader(rank, 2) for rank in (0, 1)]
+    for rank_loader in whole:
+        rank_loader.sampler.set_epoch(4)
+    assert [list(r) for r in ranks] == [list(w)[1:] for w in whole]  # each rank skips its own first batch
+
+
 def test_mnist_10k_digits(data_root: Path) -> None:
     dm = MNISTDataModule(root=str(data_root))
     dm.prepare_data()

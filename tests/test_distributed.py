@@ -1,8 +1,9 @@
-"""Lightning's DDP with two CPU processes (gloo), launched as a user would: `mmkd fit ...
---trainer.strategy=ddp --trainer.devices=2`."""
+"""Distributed training and fault tolerance, launched as a user would (`mmkd fit ...` in a
+subprocess): DDP with two CPU processes (gloo), and a run killed with SIGKILL then resumed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,10 @@ MMKD = str(Path(sys.executable).parent / "mmkd")
 DDP = ["--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2"]
 
 
-def mmkd_fit(config: str, *overrides: str) -> None:
-    done = subprocess.run([MMKD, "fit", "-c", str(CONFIGS / config), *SHORT, *overrides], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def mmkd_fit(config: str, *overrides: str, returncode: int = 0) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # for kill_callback
+    done = subprocess.run([MMKD, "fit", "-c", str(CONFIGS / config), *SHORT, *overrides], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == returncode, done.stderr[-3000:]
 
 
 def weights(path: str) -> dict[str, torch.Tensor]:
@@ -54,3 +56,21 @@ def test_every_distiller_trains_under_ddp(teacher_in_place: Path) -> None:
         checkpoint = torch.load(f"{folder}/last.ckpt", map_location="cpu", weights_only=True)
         assert checkpoint["global_step"] == 3 and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
     assert Path("runs/g2sd/generic/export/encoder.safetensors").is_file()  # written once, by rank 0
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(data_root: Path) -> None:
+    # 2 epochs of 6 steps, a checkpoint every 2 steps; the run is killed after step 5, so it
+    # resumes from step 4, in the middle of the first epoch (mixup draws from numpy's RNG, whose
+    # state comes back from the checkpoint too).
+    common = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=6", "--trainer.callbacks.init_args.every_n_train_steps=2"]
+    mmkd_fit("g2sd/vit_alone.yaml", *common, "--trainer.callbacks.init_args.dirpath=straight")
+    kill = '--trainer.callbacks+={"class_path": "kill_callback.KillAtStep", "init_args": {"step": 5}}'
+    mmkd_fit("g2sd/vit_alone.yaml", *common, "--trainer.callbacks.init_args.dirpath=killed", kill, returncode=-9)
+    interrupted = torch.load("killed/last.ckpt", map_location="cpu", weights_only=True)
+    assert interrupted["global_step"] == 4 and interrupted["epoch"] == 0
+    assert interrupted["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_yielded": 4}]
+    mmkd_fit("g2sd/vit_alone.yaml", *common, "--trainer.callbacks.init_args.dirpath=killed", "--ckpt_path=last")
+    straight, resumed = weights("straight/last.ckpt"), weights("killed/last.ckpt")
+    assert torch.load("killed/last.ckpt", weights_only=True)["global_step"] == 12
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key

@@ -1,6 +1,6 @@
 """Lightning data modules. Batches are dicts: ``{"image", "label", "index", ...}``."""
 
-from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, default_data_root
+from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, ResumableDataLoader, default_data_root
 from mmkd.data.images import FashionMNISTDataModule, IDXImageDataModule, MNISTDataModule
 
 __all__ = [
@@ -9,5 +9,6 @@ __all__ = [
     "IDXImageDataModule",
     "ImageTensorDataset",
     "MNISTDataModule",
+    "ResumableDataLoader",
     "default_data_root",
 ]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def default_data_root() -> Path:
@@ -65,12 +65,54 @@ class EpochShuffleSampler(DistributedSampler):
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.dataset_size = num_samples
 
+    resume_epoch, resume_skip = -1, 0  # set by resume_at
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Leave out the first ``skip`` entries of this rank's share the next time ``epoch`` is
+        iterated (a checkpoint taken after them). When the run goes on with a later epoch
+        instead (the checkpoint closed its epoch), nothing is skipped."""
+        self.resume_epoch, self.resume_skip = epoch, skip
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
         order = torch.randperm(self.dataset_size, generator=generator).tolist()
         order += order[: self.total_size - len(order)]  # pad so every rank gets as many
-        for index in order[self.rank : self.total_size : self.num_replicas]:
+        skip = self.resume_skip if self.epoch == self.resume_epoch else 0
+        self.resume_epoch, self.resume_skip = -1, 0
+        for index in order[self.rank + skip * self.num_replicas : self.total_size : self.num_replicas]:
             yield index, self.epoch
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochShuffleSampler` whose position in the epoch goes into
+    Lightning's checkpoints (Lightning calls ``state_dict`` / ``load_state_dict`` on training
+    loaders that have them). A run resumed from a mid-epoch checkpoint then continues with the
+    next batch of the same epoch, instead of replaying the epoch's first batches; the skipped
+    samples are left out by the sampler, never loaded.
+
+    The count is of batches handed out; Lightning does not prefetch from loaders with a length,
+    so at a checkpoint that is the number of batches trained on.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochShuffleSampler):
+            raise TypeError("ResumableDataLoader needs an EpochShuffleSampler")
+        self.batches_yielded = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        resuming = sampler.epoch == sampler.resume_epoch
+        self.batches_yielded = sampler.resume_skip // self.batch_size if resuming else 0
+        for batch in super().__iter__():
+            self.batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_yielded": self.batches_yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(state["epoch"], state["batches_yielded"] * self.batch_size)
 
 
 class ImageTensorDataset(Dataset):

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, default_data_root, passthrough_collate
+from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, ResumableDataLoader, default_data_root, passthrough_collate
 from mmkd.data.idx import read_idx
 
 FASHION_MNIST_CLASSES = (
@@ -75,6 +75,8 @@ class IDXImageDataModule(L.LightningDataModule):
         self.val_size, self.seed, self.augment = val_size, seed, augment
         self.num_workers, self.download = num_workers, download
         self.splits: dict[str, ImageTensorDataset] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._train_position: dict | None = None
 
     # -- locating and fetching files ------------------------------------------------------------
     def _paths(self) -> dict[str, Path] | None:
@@ -132,7 +134,7 @@ class IDXImageDataModule(L.LightningDataModule):
         }  # fmt: skip
 
     def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
-        return DataLoader(
+        return (ResumableDataLoader if sampler is not None else DataLoader)(
             self.splits[split],
             batch_size=batch_size,
             sampler=sampler,
@@ -164,7 +166,20 @@ class IDXImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShuffleSampler(len(self.splits["train"]), seed=self.seed)
-        return self._loader("train", self.batch_size, sampler)
+        self._train_loader = self._loader("train", self.batch_size, sampler)
+        if self._train_position is not None:
+            self._train_loader.load_state_dict(self._train_position)
+            self._train_position = None
+        return self._train_loader
+
+    # Lightning restores a data module before it builds the loaders, and a loader's own state
+    # only when the loaders are built after the loop state is restored; a scheduler that asks for
+    # ``estimated_stepping_batches`` builds them before. Keeping the position here covers both.
+    def state_dict(self) -> dict:
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_position = state.get("train_position")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size)
