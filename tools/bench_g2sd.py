@@ -16,14 +16,11 @@ Each run keeps its result in <workdir>/.../result.json, so an interrupted benchm
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
-from pathlib import Path
 
-from benchlib import machine_info, run_once
+from benchlib import accuracy_summary, machine_info, run_once, write_and_print
 
 CONFIGS = "configs/g2sd"
 
@@ -77,17 +74,7 @@ def main() -> None:
             run("g2sd", "specific.yaml", f"{seed_dir}/g2sd", seed, args.epochs, [teacher_arg, f"{student_init}={seed_dir}/generic/last.ckpt"])
         )
 
-    teacher_acc = teacher["test/acc"]
-    summary = {
-        name: {
-            "test_acc_mean": statistics.mean(r["test/acc"] for r in runs),
-            "test_acc_per_seed": [r["test/acc"] for r in runs],
-            "share_of_teacher": statistics.mean(r["test/acc"] for r in runs) / teacher_acc,
-            "params": runs[0]["params"],
-            "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in runs),
-        }
-        for name, runs in results.items()
-    }
+    summary = accuracy_summary(results)
     record = {
         "benchmark": "G2SD on Fashion-MNIST (test split, final weights)",
         "command": "python " + " ".join(sys.argv),
@@ -98,16 +85,7 @@ def main() -> None:
         "machine": machine_info(load_before),
         "wall_seconds": time.time() - started,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    baseline = summary["vit_alone"]["test_acc_mean"]
-    print(f"\n| model | params | test acc (mean of {len(args.seeds)} seeds) | per seed | vs ViT alone | share of teacher |")
-    print("|---|---:|---:|---|---:|---:|")
-    for name, row in summary.items():
-        delta = "" if name in ("teacher", "vit_alone") else f"{100 * (row['test_acc_mean'] - baseline):+.2f} pt"
-        seeds = ", ".join(f"{100 * a:.2f}" for a in row["test_acc_per_seed"])
-        print(f"| {name} | {row['params']:,} | {100 * row['test_acc_mean']:.2f} % | {seeds} | {delta} | {100 * row['share_of_teacher']:.1f} % |")
-    print(f"\nwrote {args.out}")
+    write_and_print(record, args.out, "vit_alone")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ data order for a given seed, so the differences come from the distillation terms
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
-from pathlib import Path
 
-from benchlib import machine_info, run_once
+from benchlib import accuracy_summary, machine_info, run_once, write_and_print
 
 RECIPES = {
     "student_alone": "configs/kd/fmnist_student_alone.yaml",
@@ -64,16 +61,7 @@ def main() -> None:
             print(f"[seed {seed}] {name}", flush=True)
             results.setdefault(name, []).append({"seed": seed, **run_once(config, f"{seed_dir}/{name}", overrides, args.reuse, epochs)})
 
-    summary = {
-        name: {
-            "test_acc_mean": statistics.mean(r["test/acc"] for r in runs),
-            "test_acc_per_seed": [r["test/acc"] for r in runs],
-            "params": runs[0]["params"],
-            # a reused checkpoint was not fitted in this run: no time to report for it
-            "fit_seconds_mean": statistics.mean(times) if (times := [r["fit_seconds"] for r in runs if "fit_seconds" in r]) else None,
-        }
-        for name, runs in results.items()
-    }
+    summary = accuracy_summary(results)
     record = {
         "benchmark": "classic KD on Fashion-MNIST (test split, final weights)",
         "command": "python " + " ".join(sys.argv),
@@ -83,17 +71,7 @@ def main() -> None:
         "machine": machine_info(load_before),
         "wall_seconds": time.time() - started,
     }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    baseline = summary["student_alone"]["test_acc_mean"]
-    print(f"\n| model | params | test acc (mean of {len(args.seeds)} seeds) | per seed | vs student alone |")
-    print("|---|---:|---:|---|---:|")
-    for name, row in summary.items():
-        delta = "" if name in ("teacher", "student_alone") else f"{100 * (row['test_acc_mean'] - baseline):+.2f} pt"
-        seeds = ", ".join(f"{100 * a:.2f}" for a in row["test_acc_per_seed"])
-        print(f"| {name} | {row['params']:,} | {100 * row['test_acc_mean']:.2f} % | {seeds} | {delta} |")
-    print(f"\nwrote {args.out}")
-
+    write_and_print(record, args.out, "student_alone")
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -46,3 +47,33 @@ def run_once(config: str, run_dir: str, overrides: list[str], reuse: bool, epoch
     result = fit_and_test(config, overrides, test)
     result_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def accuracy_summary(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per model: mean and per-seed test accuracy, the share of the teacher's accuracy, parameters,
+    and the mean fit time (None when every run was a reused checkpoint, not fitted here)."""
+    teacher = statistics.mean(r["test/acc"] for r in results["teacher"])
+    summary = {}
+    for name, runs in results.items():
+        mean = statistics.mean(r["test/acc"] for r in runs)
+        times = [r["fit_seconds"] for r in runs if "fit_seconds" in r]
+        summary[name] = {
+            "test_acc_mean": mean, "test_acc_per_seed": [r["test/acc"] for r in runs], "share_of_teacher": mean / teacher,
+            "params": runs[0]["params"], "fit_seconds_mean": statistics.mean(times) if times else None,
+        }  # fmt: skip
+    return summary
+
+
+def write_and_print(record: dict, out: str, baseline: str) -> None:
+    """Write the benchmark's JSON and print its summary as a Markdown table."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(record, indent=2))
+    summary = record["summary"]
+    reference = summary[baseline]["test_acc_mean"]
+    print(f"\n| model | params | test acc (mean of {len(record['seeds'])} seeds) | per seed | vs {baseline} | share of teacher |")
+    print("|---|---:|---:|---|---:|---:|")
+    for name, row in summary.items():
+        delta = "" if name in ("teacher", baseline) else f"{100 * (row['test_acc_mean'] - reference):+.2f} pt"
+        seeds = ", ".join(f"{100 * a:.2f}" for a in row["test_acc_per_seed"])
+        print(f"| {name} | {row['params']:,} | {100 * row['test_acc_mean']:.2f} % | {seeds} | {delta} | {100 * row['share_of_teacher']:.1f} % |")
+    print(f"\nwrote {out}")
