@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -139,14 +140,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return
-    if argv[0] in COMMANDS:
-        COMMANDS[argv[0]](argv[1:])
-        return
     try:
-        lightning_cli(argv if explicit else None)
+        if argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+        else:
+            lightning_cli(argv if explicit else None)
     except ConfigError as err:
         print(f"mmkd: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as err:
+        if not _lost_a_peer(err):
+            raise
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        print(
+            f"mmkd: error: process {rank} stopped because another training process died ({str(err).strip()}). "
+            "Find the first error of the run in the logs of the other processes; restart all of them with "
+            "--ckpt_path=last to resume from the last checkpoint.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+
+
+def _lost_a_peer(err: RuntimeError) -> bool:
+    """A collective failed because a peer process disappeared (gloo's TCP transport says so)."""
+    message = str(err)
+    return "gloo" in message and any(words in message for words in ("closed by peer", "reset by peer", "Broken pipe"))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from lightning.pytorch.callbacks import Callback
 
 
 class KillAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), signal.SIGKILL)

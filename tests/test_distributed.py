@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,14 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(data_root: Path) -> 
     assert torch.load("killed/last.ckpt", weights_only=True)["global_step"] == 12
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_other_within_seconds(data_root: Path) -> None:
+    kill = '--trainer.callbacks+={"class_path": "kill_callback.KillAtStep", "init_args": {"step": 1, "rank": 1}}'
+    start = time.monotonic()
+    done = subprocess.run([MMKD, "fit", "-c", str(CONFIGS / "g2sd/vit_alone.yaml"), *SHORT, *DDP, "--trainer.limit_train_batches=50", kill],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})  # fmt: skip
+    assert done.returncode != 0
+    assert time.monotonic() - start < 120  # not gloo's 30-minute collective timeout
+    assert "mmkd: error: process 0 stopped because another training process died" in done.stderr

@@ -44,8 +44,9 @@ class Teacher(nn.Module):
                 load_weights(model, checkpoint)
             except FileNotFoundError as err:
                 raise FileNotFoundError(
-                    f"teacher weights not found: {checkpoint}. Train a teacher first (for example "
-                    "`mmkd fit -c configs/teachers/fmnist_resnet10t.yaml`) or fix "
+                    f"teacher weights not found: {checkpoint}. Train the teacher first (the header of each "
+                    "shipped config names the command, e.g. `mmkd fit -c configs/teachers/fmnist_resnet10t.yaml` "
+                    "for configs/kd, configs/g2sd/mae_pretrain.yaml for G2SD) or fix "
                     "model.init_args.teacher.init_args.checkpoint."
                 ) from err
         self.model = model
