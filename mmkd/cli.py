@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 HELP = """usage: mmkd COMMAND [options]
@@ -23,6 +24,8 @@ tools:
              mmkd inspect -c configs/kd/fmnist_fitnets.yaml
   cache      run a config's teacher once and store its outputs (train with them after):
              mmkd cache -c configs/kd/fmnist_kd.yaml --out runs/cache/kd --data.init_args.augment=false
+  consolidate  turn an FSDP2 checkpoint folder into one file for single-process test/predict/export:
+             mmkd consolidate runs/students/fmnist_kd/last.ckpt
 
 Run `mmkd COMMAND --help` for the options of one command.
 """
@@ -42,6 +45,8 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
     """Build the LightningCLI (model and data in subclass mode, omegaconf parser mode)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
+
+    import mmkd.strategies  # noqa: F401  (registers --trainer.strategy=fsdp2)
 
     class MMKDCLI(LightningCLI):
         def instantiate_classes(self) -> None:
@@ -131,7 +136,28 @@ def cache_main(argv: Sequence[str]) -> None:
     print(f"wrote {cache.path}: {len(cache)} samples, {', '.join(cache.sources)}, {size / 2**20:.1f} MiB")
 
 
-COMMANDS = {"inspect": inspect_main, "cache": cache_main}
+def consolidate_main(argv: Sequence[str]) -> None:
+    import torch
+
+    from mmkd.core.checkpoint import consolidated_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="mmkd consolidate",
+        description="Turn a checkpoint folder written under --trainer.strategy=fsdp2 into one file that a single "
+        "process can test, predict with or start from (weights and metadata; no optimizer state).",
+    )
+    parser.add_argument("folder", help="the checkpoint folder, e.g. runs/students/x/last.ckpt")
+    parser.add_argument("--out", default=None, help="output file (default: FOLDER.consolidated.ckpt)")
+    args = parser.parse_args(list(argv))
+    if not (Path(args.folder) / ".metadata").is_file():
+        print(f"mmkd: error: {args.folder} is not a distributed checkpoint folder (no .metadata inside)", file=sys.stderr)
+        raise SystemExit(2)
+    out = args.out or f"{args.folder.rstrip('/')}.consolidated.ckpt"
+    torch.save(consolidated_checkpoint(args.folder), out)
+    print(f"wrote {out}")
+
+
+COMMANDS = {"inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

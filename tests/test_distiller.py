@@ -78,10 +78,10 @@ def test_cli_overrides_reach_the_loss(teacher_in_place: Path) -> None:
 
 def test_teacher_unchanged_and_not_in_student_checkpoint(teacher_in_place: Path) -> None:
     cli = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT], run=False)
-    before = {k: v.clone() for k, v in cli.model.teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in cli.model.teacher.model.state_dict().items()}
     student_before = {k: v.clone() for k, v in cli.model.student.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    after = cli.model.teacher.state_dict()
+    after = cli.model.teacher.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
     assert all(p.grad is None for p in cli.model.teacher.parameters())
     assert any(not torch.equal(student_before[k], v) for k, v in cli.model.student.state_dict().items())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmkd.cli import lightning_cli
+from mmkd.cli import lightning_cli, main
 
 from conftest import CONFIGS, SHORT  # noqa: E402
 
@@ -86,3 +86,39 @@ def test_a_dead_rank_stops_the_other_within_seconds(data_root: Path) -> None:
     assert done.returncode != 0
     assert time.monotonic() - start < 120  # not gloo's 30-minute collective timeout
     assert "mmkd: error: process 0 stopped because another training process died" in done.stderr
+
+
+FSDP2_SINGLE_FILE = ["--trainer.accelerator=cpu", "--trainer.devices=2",
+                     '--trainer.strategy={"class_path": "mmkd.strategies.FSDP2", "init_args": {"save_distributed_checkpoint": false}}']  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_ddp(data_root: Path) -> None:
+    common = ["--trainer.limit_train_batches=4", "--model.init_args.mixup=null", "--model.init_args.optimizer.class_path=torch.optim.SGD",
+              "--model.init_args.optimizer.init_args.lr=0.05", "--data.init_args.batch_size=32"]  # fmt: skip
+    mmkd_fit("g2sd/vit_alone.yaml", *common, *DDP, "--trainer.callbacks.init_args.dirpath=ddp")
+    mmkd_fit("g2sd/vit_alone.yaml", *common, *FSDP2_SINGLE_FILE, "--trainer.callbacks.init_args.dirpath=fsdp2")
+    ddp, fsdp2 = weights("ddp/last.ckpt"), weights("fsdp2/last.ckpt")
+    assert set(ddp) == set(fsdp2)  # FSDP2 keeps the parameter names
+    for key in ddp:
+        torch.testing.assert_close(fsdp2[key], ddp[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoints_resume_and_load_into_one_process(teacher_in_place: Path) -> None:
+    fsdp2 = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=fsdp2"]
+    mmkd_fit("g2sd/vit_alone.yaml", *fsdp2, "--trainer.callbacks.init_args.dirpath=fsdp2")
+    assert Path("fsdp2/last.ckpt/.metadata").is_file()  # a folder of shards
+    mmkd_fit("g2sd/vit_alone.yaml", *fsdp2, "--trainer.callbacks.init_args.dirpath=fsdp2", "--trainer.max_epochs=2", "--ckpt_path=last")
+    main(["consolidate", "fsdp2/last.ckpt", "--out", "student.ckpt"])
+    consolidated = torch.load("student.ckpt", weights_only=True)
+    assert consolidated["global_step"] == 6 and "model.blocks.0.attn.qkv.weight" in consolidated["state_dict"]
+    tested = lightning_cli(["test", "-c", str(CONFIGS / "g2sd/vit_alone.yaml"), *SHORT, "--ckpt_path=student.ckpt"])
+    assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) <= 1.0
+    # distillers: KD with the teacher replicated, G2SD's stages with the teacher sharded too
+    mmkd_fit("kd/fmnist_kd.yaml", *fsdp2, "--trainer.callbacks.init_args.dirpath=kd")
+    for config in ("g2sd/mae_pretrain.yaml", "g2sd/teacher_finetune.yaml"):
+        lightning_cli(["fit", "-c", str(CONFIGS / config), *SHORT])
+    for config in ("g2sd/generic.yaml", "g2sd/specific.yaml"):
+        mmkd_fit(config, *fsdp2, "--model.init_args.shard_teacher=true")
+    assert Path("runs/g2sd/generic/export/encoder.safetensors").is_file() and Path("runs/g2sd/specific/last.ckpt/.metadata").is_file()

@@ -37,6 +37,9 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
     (the MAE and DeiT releases) are read from there.
     """
     path = Path(path).expanduser()
+    if (path / ".metadata").is_file():
+        state = consolidated_checkpoint(path)["state_dict"]
+        return _select(state, "model." if prefix is None and any(k.startswith("model.") for k in state) else prefix, path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -59,11 +62,32 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RuntimeError(f"{path} does not hold a state dict of tensors")
+    return _select(state, prefix, path)
+
+
+def _select(state: dict[str, torch.Tensor], prefix: str | None, path: Path) -> dict[str, torch.Tensor]:
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise RuntimeError(f"{path} has no weights under the prefix {prefix!r}")
     return state
+
+
+def consolidated_checkpoint(folder: str | Path) -> dict:
+    """A Lightning checkpoint saved by FSDP2 as a folder of shards (torch.distributed.checkpoint),
+    read back in one process as a single checkpoint: weights (``state_dict``) and the metadata
+    (epoch, loops, ``mmkd`` records). The optimizer states are left out: this is for evaluation,
+    export and initialising other runs; resuming stays with the folder under FSDP2."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(folder), f"{tmp}/full.pt")
+        shards = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=True)
+    meta = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True) if (folder / "meta.pt").is_file() else {}
+    return {**meta, "state_dict": shards["state_dict"]}
 
 
 def load_weights(module: nn.Module, path: str | Path, prefix: str | None = None) -> None:

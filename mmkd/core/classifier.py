@@ -60,6 +60,7 @@ class TrainingModule(L.LightningModule):
             ``param_groups_layer_decay`` and the model's ``group_matcher``. Implies
             ``no_weight_decay_1d``, and no decay on the names in ``model.no_weight_decay()``.
         check_finite: stop training with the name of the term when a loss is NaN/inf.
+        shard_teacher: under FSDP2, shard the frozen teacher too (see :meth:`configure_model`).
     """
 
     def __init__(
@@ -71,8 +72,10 @@ class TrainingModule(L.LightningModule):
         no_weight_decay_1d: bool = False,
         layer_decay: float | None = None,
         check_finite: bool = True,
+        shard_teacher: bool = False,
     ) -> None:
         super().__init__()
+        self.shard_teacher = shard_teacher
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.lr_schedule, self.warmup_epochs = lr_schedule, warmup_epochs
         self.no_weight_decay_1d, self.layer_decay = no_weight_decay_1d, layer_decay
@@ -98,6 +101,32 @@ class TrainingModule(L.LightningModule):
             self.log(f"{stage}/loss_{name}", value, on_step=train, on_epoch=True, batch_size=batch_size, sync_dist=not train)
         self.log(f"{stage}/loss", total, on_step=train, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=not train)
         return total
+
+    # -- FSDP2: shard what is trained; the frozen teacher stays whole unless shard_teacher -------
+    def configure_model(self) -> None:
+        """Under :class:`mmkd.strategies.FSDP2` (``--trainer.strategy=fsdp2``): every trained child
+        module (student, heads, predictors) is ``fully_shard``ed, block by block then as a whole;
+        a frozen ``teacher`` is sharded the same way only with ``shard_teacher`` (less memory, an
+        all-gather per block in each forward), else every process keeps a full copy."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        from mmkd.strategies import shard_units
+
+        mesh = mesh["data_parallel"]
+        for name, child in self.named_children():
+            if name == "teacher" and not self.shard_teacher:
+                continue
+            if not any(True for _ in child.parameters()):
+                continue
+            for unit in shard_units(child):
+                fully_shard(unit, mesh=mesh)
+            fully_shard(child, mesh=mesh)
+            # methods called instead of forward (DistilledViT.forward_heads) must gather the shards too
+            for method in getattr(child, "fsdp_forward_methods", ()):
+                register_fsdp_forward_method(child, method)
 
     # -- optimisation --------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

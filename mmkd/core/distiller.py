@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmkd.core.cache import TeacherCache, TeacherCacheError
 from mmkd.core.classifier import Classifier, to_channels_last
 from mmkd.core.taps import FeatureTap
-from mmkd.core.teacher import Teacher, drop_teacher_weights, restore_teacher_weights
+from mmkd.core.teacher import Teacher, check_teacher, record_teacher
 from mmkd.heads import ShapeMismatchError, build_head
 
 LOGITS = "logits"
@@ -236,12 +236,12 @@ class Distiller(Classifier):
     # -- checkpoints: no teacher weights, but its reference ------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        drop_teacher_weights(checkpoint, self.teacher)
+        record_teacher(checkpoint, self.teacher)
         checkpoint["mmkd"].update(feature_shapes=self.feature_shapes, teacher_val_acc=self.teacher_val_result)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        restore_teacher_weights(checkpoint, self.teacher)
+        check_teacher(checkpoint, self.teacher)
         info = checkpoint.get("mmkd", {})
         if self.feature_shapes is None and info.get("feature_shapes"):
             self.build_heads(info["feature_shapes"])

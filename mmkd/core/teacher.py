@@ -26,9 +26,10 @@ class Teacher(nn.Module):
     mode when a Trainer calls ``.train()``, and ``forward`` runs under ``torch.no_grad()``
     (optionally under bf16 autocast, outputs cast back to float32).
 
-    A ``Distiller`` does not write the teacher's weights into its checkpoints; it writes
-    :meth:`reference` (the checkpoint path, its sha256 and a fingerprint of the weights) and
-    refuses to resume with a different teacher.
+    Its weights are not part of ``state_dict()`` (of the teacher or of a module holding it), so
+    student checkpoints never contain them; a ``Distiller`` writes :meth:`reference` (the
+    checkpoint path, its sha256 and a fingerprint of the weights) instead and refuses to resume
+    with a different teacher.
 
     Args:
         model: the teacher network (its module paths are what teacher taps address).
@@ -53,9 +54,15 @@ class Teacher(nn.Module):
         self.checkpoint = checkpoint
         self.checkpoint_sha256 = sha256_file(checkpoint) if checkpoint else None
         self.bf16 = bf16
-        self._weights_sha256: str | None = None
+        # Fingerprinted now, while the weights are whole: FSDP2 may shard them later.
+        self._weights_sha256 = state_dict_sha256(self.model)
         self.model.requires_grad_(False)
         super().train(False)
+        # The weights come from the teacher's own file: a state dict of a module holding this teacher
+        # leaves them out (student checkpoints stay small, under any strategy), and loading one
+        # keeps the weights already here.
+        self.register_state_dict_post_hook(_without_weights)
+        self.register_load_state_dict_pre_hook(_own_weights_when_missing)
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)
@@ -71,8 +78,6 @@ class Teacher(nn.Module):
 
     def reference(self) -> dict[str, str | None]:
         """What a student checkpoint records instead of the teacher's weights."""
-        if self._weights_sha256 is None:  # weights never change: compute once
-            self._weights_sha256 = state_dict_sha256(self.model)
         return {
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -80,17 +85,23 @@ class Teacher(nn.Module):
         }
 
 
-def drop_teacher_weights(checkpoint: dict[str, Any], teacher: Teacher, prefix: str = "teacher.") -> None:
-    """Replace the teacher's weights in a Lightning checkpoint by its :meth:`Teacher.reference`."""
-    state = checkpoint["state_dict"]
-    for key in [k for k in state if k.startswith(prefix)]:
-        del state[key]
+def _without_weights(module: Teacher, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _own_weights_when_missing(module: Teacher, state_dict: dict, prefix: str, *args: Any) -> None:
+    for key, value in module.model.state_dict(prefix=prefix + "model.").items():
+        state_dict.setdefault(key, value)
+
+
+def record_teacher(checkpoint: dict[str, Any], teacher: Teacher) -> None:
+    """Write the teacher's :meth:`Teacher.reference` into a Lightning checkpoint."""
     checkpoint.setdefault("mmkd", {})["teacher"] = teacher.reference()
 
 
-def restore_teacher_weights(checkpoint: dict[str, Any], teacher: Teacher, prefix: str = "teacher.") -> None:
-    """Check that a checkpoint was trained with this teacher, and put its weights back in the
-    state dict so that strict loading finds them (they come from the teacher's own file)."""
+def check_teacher(checkpoint: dict[str, Any], teacher: Teacher) -> None:
+    """Refuse a checkpoint that was trained with another teacher than this one."""
     stored = checkpoint.get("mmkd", {}).get("teacher")
     if stored and stored["weights_sha256"] != teacher.reference()["weights_sha256"]:
         raise RuntimeError(
@@ -99,6 +110,3 @@ def restore_teacher_weights(checkpoint: dict[str, Any], teacher: Teacher, prefix
             f"({teacher.checkpoint}, {teacher.reference()['weights_sha256'][:12]}). "
             "Point the teacher at the original weights."
         )
-    state = checkpoint["state_dict"]
-    for key, value in teacher.state_dict(prefix=prefix).items():
-        state.setdefault(key, value)

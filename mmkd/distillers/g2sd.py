@@ -33,7 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mmkd.core import Distiller, Teacher
 from mmkd.core.classifier import TrainingModule
-from mmkd.core.teacher import drop_teacher_weights, restore_teacher_weights
+from mmkd.core.teacher import check_teacher, record_teacher
 from mmkd.losses import FeatureLoss
 from mmkd.losses.fused import LossImpl, fused_kd_loss
 from mmkd.models.mae import MaskedAutoencoder, feature_predictor
@@ -124,19 +124,24 @@ class G2SDGeneric(TrainingModule):
         self.total_loss({"gd": self.generic_loss(images, noise)}, "val", len(images))
 
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
+        if self.export_dir:
             self.export(self.export_dir)
 
     def export(self, folder: str) -> None:
-        """Write ``encoder.safetensors`` and ``decoder.safetensors`` (decoder + predictor)."""
+        """Write ``encoder.safetensors`` and ``decoder.safetensors`` (decoder + predictor). Under
+        FSDP2 every process must call it (the shards are gathered); the first one writes."""
         from safetensors.torch import save_file
+        from torch.distributed.tensor import DTensor
 
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
         parts = {
             "encoder": self.student.encoder.state_dict(),
             "decoder": {**self.student.decoder.state_dict(prefix="decoder."), **self.predictor.state_dict(prefix="predictor.")},
         }
+        parts = {name: {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in state.items()} for name, state in parts.items()}
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
         for name, state in parts.items():
             tmp = out / f".{name}.safetensors.tmp"
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
@@ -144,11 +149,11 @@ class G2SDGeneric(TrainingModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        drop_teacher_weights(checkpoint, self.teacher)
+        record_teacher(checkpoint, self.teacher)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        restore_teacher_weights(checkpoint, self.teacher)
+        check_teacher(checkpoint, self.teacher)
 
 
 class G2SDSpecific(Distiller):

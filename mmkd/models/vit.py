@@ -29,6 +29,8 @@ class DistilledViT(nn.Module):
             checkpoint; see :func:`mmkd.models.mae.load_mae_encoder`).
     """
 
+    fsdp_forward_methods = ("forward_heads", "forward_features")  # entry points besides forward (FSDP2)
+
     def __init__(self, encoder: nn.Module, encoder_checkpoint: str | None = None) -> None:
         super().__init__()
         if not isinstance(encoder, VisionTransformer) or encoder.cls_token is None or encoder.global_pool != "token":
