@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmkd.cli import lightning_cli, main
+from mmkd.core import load_state_dict_file
 
 from conftest import CONFIGS, SHORT  # noqa: E402
 
@@ -122,3 +123,5 @@ def test_fsdp2_checkpoints_resume_and_load_into_one_process(teacher_in_place: Pa
     for config in ("g2sd/generic.yaml", "g2sd/specific.yaml"):
         mmkd_fit(config, *fsdp2, "--model.init_args.shard_teacher=true")
     assert Path("runs/g2sd/generic/export/encoder.safetensors").is_file() and Path("runs/g2sd/specific/last.ckpt/.metadata").is_file()
+    encoder = lightning_cli(["-c", str(CONFIGS / "g2sd/specific.yaml"), *SHORT], run=False).model.model.encoder  # read from the folder
+    torch.testing.assert_close(encoder.state_dict()["blocks.0.attn.qkv.weight"], load_state_dict_file("runs/g2sd/generic/export/encoder.safetensors")["blocks.0.attn.qkv.weight"])
