@@ -34,7 +34,8 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
     ``state_dict`` entry is used. ``prefix`` (e.g. ``"model."``) keeps only keys under it and strips
     it; by default a Lightning checkpoint of an mmkd ``Classifier``/``Distiller`` is stripped of
     ``model.`` so that the network alone loads. Files that keep the weights under ``"model"``
-    (the MAE and DeiT releases) are read from there.
+    (the MAE and DeiT releases) are read from there, and an FSDP2 checkpoint folder is read
+    through :func:`consolidated_checkpoint`.
     """
     path = Path(path).expanduser()
     if (path / ".metadata").is_file():
