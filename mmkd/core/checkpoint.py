@@ -39,22 +39,22 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
     """
     path = Path(path).expanduser()
     if (path / ".metadata").is_file():
-        state = consolidated_checkpoint(path)["state_dict"]
-        return _select(state, "model." if prefix is None and any(k.startswith("model.") for k in state) else prefix, path)
-    if not path.is_file():
+        state = consolidated_checkpoint(path)  # a Lightning checkpoint, read like the files below
+    elif not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    else:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(
-            f"cannot read checkpoint {path} ({type(err).__name__}: {err}). The file is corrupt, "
-            "truncated or not a weights file; re-create or re-download it."
-        ) from err
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise RuntimeError(
+                f"cannot read checkpoint {path} ({type(err).__name__}: {err}). The file is corrupt, "
+                "truncated or not a weights file; re-create or re-download it."
+            ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
         if prefix is None and any(k.startswith("model.") for k in state):
@@ -63,10 +63,6 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RuntimeError(f"{path} does not hold a state dict of tensors")
-    return _select(state, prefix, path)
-
-
-def _select(state: dict[str, torch.Tensor], prefix: str | None, path: Path) -> dict[str, torch.Tensor]:
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
