@@ -114,13 +114,12 @@ class G2SDGeneric(TrainingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch[self.input_key]
-        noise = torch.rand(len(images), self.student.num_patches, device=images.device)  # one mask for both
+        noise = self.student.mask_noise(len(images), images.device)  # one mask for both
         return self.total_loss({"gd": self.generic_loss(images, noise)}, "train", len(images))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch[self.input_key]
-        generator = torch.Generator(images.device).manual_seed(batch_idx)
-        noise = torch.rand(len(images), self.student.num_patches, device=images.device, generator=generator)
+        noise = self.student.mask_noise(len(images), images.device, seed=batch_idx)
         self.total_loss({"gd": self.generic_loss(images, noise)}, "val", len(images))
 
     def on_fit_end(self) -> None:

@@ -162,6 +162,12 @@ class MaskedAutoencoder(nn.Module):
         return self.decoder.embed.out_features
 
     # -- the MAE forward pass ------------------------------------------------------------------
+    def mask_noise(self, batch_size: int, device: torch.device, seed: int | None = None) -> torch.Tensor:
+        """Uniform noise ``[B, N]`` that decides the mask; with ``seed`` the same every time
+        (validation masks comparable across epochs)."""
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        return torch.rand(batch_size, self.num_patches, device=device, generator=generator)
+
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, N, p*q*C]`` in the official (row, col, p, q, channel) order."""
         (p, q), (h, w) = self.patch_size, self.grid_size
@@ -196,7 +202,7 @@ class MaskedAutoencoder(nn.Module):
         default), before the decoder norm: what G2SD distils.
         """
         if noise is None:
-            noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
+            noise = self.mask_noise(len(images), images.device)
         latent, mask, ids_restore = self.forward_encoder(images, noise)
         return MAEOutput(self.decoder(latent, ids_restore, decoder_blocks, head), mask)
 
@@ -259,9 +265,7 @@ class MAEPretrainer(TrainingModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch[self.input_key]
-        generator = torch.Generator(images.device).manual_seed(batch_idx)
-        noise = torch.rand(len(images), self.model.num_patches, device=images.device, generator=generator)
-        pred, mask = self.model(images, noise)
+        pred, mask = self.model(images, self.model.mask_noise(len(images), images.device, seed=batch_idx))
         self.total_loss({"rec": self.model.reconstruction_loss(images, pred, mask)}, "val", len(images))
 
 
