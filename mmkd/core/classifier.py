@@ -267,8 +267,13 @@ class Classifier(TrainingModule):
         return self.total_loss({"ce": self.ce_loss(self(images), targets)}, "train", len(targets))
 
     # -- evaluation ----------------------------------------------------------------------------
+    def evaluation_logits(self, batch: dict, stage: str) -> torch.Tensor:
+        """The logits that validation and test score (a model with several heads can log each
+        head's metrics here from the same forward pass)."""
+        return self(batch[self.input_key])
+
     def _evaluate(self, batch: dict, metric: MulticlassAccuracy, stage: str) -> torch.Tensor:
-        logits = self(batch[self.input_key])
+        logits = self.evaluation_logits(batch, stage)
         labels = batch[self.label_key]
         metric.update(logits, labels)
         self.log(f"{stage}/loss", self.ce_loss(logits, labels), batch_size=len(labels), sync_dist=True)

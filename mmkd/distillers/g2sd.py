@@ -209,10 +209,11 @@ class G2SDSpecific(Distiller):
             dist_loss = fused_kd_loss(dist_logits, teacher_logits, self.temperature)
         return {"ce": self.ce_weight * self.ce_loss(cls_logits, targets), "dist": self.distill_weight * dist_loss}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images, labels = batch[self.input_key], batch[self.label_key]
-        cls_logits, dist_logits = self.model.forward_heads(images)
-        for name, metric, logits in (("cls", self.val_acc_cls, cls_logits), ("dist", self.val_acc_dist, dist_logits)):
-            metric.update(logits, labels)
-            self.log(f"val/acc_{name}", metric, batch_size=len(labels))
-        super().validation_step(batch, batch_idx)
+    def evaluation_logits(self, batch: dict, stage: str) -> torch.Tensor:
+        cls_logits, dist_logits = self.model.forward_heads(batch[self.input_key])
+        if stage == "val":
+            labels = batch[self.label_key]
+            for name, metric, logits in (("cls", self.val_acc_cls, cls_logits), ("dist", self.val_acc_dist, dist_logits)):
+                metric.update(logits, labels)
+                self.log(f"val/acc_{name}", metric, batch_size=len(labels))
+        return (cls_logits + dist_logits) / 2  # DistilledViT.forward's prediction, from the same pass
