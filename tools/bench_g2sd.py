@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-from benchlib import accuracy_summary, machine_info, run_once, write_and_print
+from benchlib import report, run_once
 
 CONFIGS = "configs/g2sd"
 
@@ -74,19 +73,8 @@ def main() -> None:
             run("g2sd", "specific.yaml", f"{seed_dir}/g2sd", seed, args.epochs, [teacher_arg, f"{student_init}={seed_dir}/generic/last.ckpt"])
         )
 
-    summary = accuracy_summary(results)
-    record = {
-        "benchmark": "G2SD on Fashion-MNIST (test split, final weights)",
-        "command": "python " + " ".join(sys.argv),
-        "seeds": args.seeds,
-        "summary": summary,
-        "runs": results,
-        "pretraining": {"mae": mae, "generic": generic},
-        "machine": machine_info(load_before),
-        "wall_seconds": time.time() - started,
-    }
-    write_and_print(record, args.out, "vit_alone")
-
+    report("G2SD on Fashion-MNIST (test split, final weights)", results, args.seeds, started, load_before, args.out, "vit_alone",
+           pretraining={"mae": mae, "generic": generic})
 
 if __name__ == "__main__":
     main()

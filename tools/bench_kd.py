@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-from benchlib import accuracy_summary, machine_info, run_once, write_and_print
+from benchlib import report, run_once
 
 RECIPES = {
     "student_alone": "configs/kd/fmnist_student_alone.yaml",
@@ -61,17 +60,7 @@ def main() -> None:
             print(f"[seed {seed}] {name}", flush=True)
             results.setdefault(name, []).append({"seed": seed, **run_once(config, f"{seed_dir}/{name}", overrides, args.reuse, epochs)})
 
-    summary = accuracy_summary(results)
-    record = {
-        "benchmark": "classic KD on Fashion-MNIST (test split, final weights)",
-        "command": "python " + " ".join(sys.argv),
-        "seeds": args.seeds,
-        "summary": summary,
-        "runs": results,
-        "machine": machine_info(load_before),
-        "wall_seconds": time.time() - started,
-    }  # fmt: skip
-    write_and_print(record, args.out, "student_alone")
+    report("classic KD on Fashion-MNIST (test split, final weights)", results, args.seeds, started, load_before, args.out, "student_alone")
 
 if __name__ == "__main__":
     main()

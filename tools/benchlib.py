@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,16 +65,22 @@ def accuracy_summary(results: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
-def write_and_print(record: dict, out: str, baseline: str) -> None:
-    """Write the benchmark's JSON and print its summary as a Markdown table."""
+def report(benchmark: str, results: dict[str, list[dict]], seeds: list[int], started: float, load_before: tuple,
+           out: str, baseline: str, **extra: object) -> None:
+    """Write the benchmark's JSON (summary, runs, ``extra`` records, command, machine, wall time)
+    and print its summary as a Markdown table with the gain over ``baseline``."""
+    summary = accuracy_summary(results)
+    record = {
+        "benchmark": benchmark, "command": "python " + " ".join(sys.argv), "seeds": seeds, "summary": summary,
+        "runs": results, **extra, "machine": machine_info(load_before), "wall_seconds": time.time() - started,
+    }  # fmt: skip
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(record, indent=2))
-    summary = record["summary"]
     reference = summary[baseline]["test_acc_mean"]
-    print(f"\n| model | params | test acc (mean of {len(record['seeds'])} seeds) | per seed | vs {baseline} | share of teacher |")
+    print(f"\n| model | params | test acc (mean of {len(seeds)} seeds) | per seed | vs {baseline} | share of teacher |")
     print("|---|---:|---:|---|---:|---:|")
     for name, row in summary.items():
         delta = "" if name in ("teacher", baseline) else f"{100 * (row['test_acc_mean'] - reference):+.2f} pt"
-        seeds = ", ".join(f"{100 * a:.2f}" for a in row["test_acc_per_seed"])
-        print(f"| {name} | {row['params']:,} | {100 * row['test_acc_mean']:.2f} % | {seeds} | {delta} | {100 * row['share_of_teacher']:.1f} % |")
+        per_seed = ", ".join(f"{100 * a:.2f}" for a in row["test_acc_per_seed"])
+        print(f"| {name} | {row['params']:,} | {100 * row['test_acc_mean']:.2f} % | {per_seed} | {delta} | {100 * row['share_of_teacher']:.1f} % |")
     print(f"\nwrote {out}")
