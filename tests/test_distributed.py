@@ -32,21 +32,6 @@ def weights(path: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_ddp_with_two_processes_matches_one_process_with_the_same_global_batch(data_root: Path) -> None:
-    # A LayerNorm ViT (no BatchNorm statistics per rank), no mixup (timm pairs samples within a
-    # batch) and SGD (Adam's normalised steps would amplify float noise in near-zero gradients).
-    common = ["--trainer.limit_train_batches=4", "--model.init_args.mixup=null", "--model.init_args.optimizer.class_path=torch.optim.SGD",
-              "--model.init_args.optimizer.init_args.lr=0.05"]  # fmt: skip
-    mmkd_fit("g2sd/vit_alone.yaml", *common, *DDP, "--data.init_args.batch_size=32", "--trainer.callbacks.init_args.dirpath=ddp")
-    mmkd_fit("g2sd/vit_alone.yaml", *common, "--data.init_args.batch_size=64", "--trainer.callbacks.init_args.dirpath=single")
-    ddp, single = weights("ddp/last.ckpt"), weights("single/last.ckpt")
-    initial = lightning_cli(["-c", str(CONFIGS / "g2sd/vit_alone.yaml"), *SHORT], run=False).model.state_dict()
-    assert any(not torch.equal(single[k], initial[k]) for k in single)  # it trained
-    for key in single:
-        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
-
-
-@pytest.mark.slow
 def test_every_distiller_trains_under_ddp(teacher_in_place: Path) -> None:
     mmkd_fit("kd/fmnist_kd.yaml", *DDP, "--trainer.callbacks.init_args.dirpath=kd")
     # G2SD: its teachers by the shipped recipe (one process, a few steps), then both stages under DDP
@@ -94,12 +79,19 @@ FSDP2_SINGLE_FILE = ["--trainer.accelerator=cpu", "--trainer.devices=2",
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_ddp(data_root: Path) -> None:
+def test_ddp_matches_one_process_with_the_same_global_batch_and_fsdp2_matches_ddp(data_root: Path) -> None:
+    # A LayerNorm ViT (no BatchNorm statistics per rank), no mixup (timm pairs samples within a
+    # batch) and SGD (Adam's normalised steps would amplify float noise in near-zero gradients).
     common = ["--trainer.limit_train_batches=4", "--model.init_args.mixup=null", "--model.init_args.optimizer.class_path=torch.optim.SGD",
-              "--model.init_args.optimizer.init_args.lr=0.05", "--data.init_args.batch_size=32"]  # fmt: skip
-    mmkd_fit("g2sd/vit_alone.yaml", *common, *DDP, "--trainer.callbacks.init_args.dirpath=ddp")
-    mmkd_fit("g2sd/vit_alone.yaml", *common, *FSDP2_SINGLE_FILE, "--trainer.callbacks.init_args.dirpath=fsdp2")
-    ddp, fsdp2 = weights("ddp/last.ckpt"), weights("fsdp2/last.ckpt")
+              "--model.init_args.optimizer.init_args.lr=0.05"]  # fmt: skip
+    mmkd_fit("g2sd/vit_alone.yaml", *common, *DDP, "--data.init_args.batch_size=32", "--trainer.callbacks.init_args.dirpath=ddp")
+    mmkd_fit("g2sd/vit_alone.yaml", *common, "--data.init_args.batch_size=64", "--trainer.callbacks.init_args.dirpath=single")
+    mmkd_fit("g2sd/vit_alone.yaml", *common, *FSDP2_SINGLE_FILE, "--data.init_args.batch_size=32", "--trainer.callbacks.init_args.dirpath=fsdp2")
+    ddp, single, fsdp2 = weights("ddp/last.ckpt"), weights("single/last.ckpt"), weights("fsdp2/last.ckpt")
+    initial = lightning_cli(["-c", str(CONFIGS / "g2sd/vit_alone.yaml"), *SHORT], run=False).model.state_dict()
+    assert any(not torch.equal(single[k], initial[k]) for k in single)  # it trained
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
     assert set(ddp) == set(fsdp2)  # FSDP2 keeps the parameter names
     for key in ddp:
         torch.testing.assert_close(fsdp2[key], ddp[key], rtol=1e-4, atol=1e-6, msg=key)
