@@ -93,7 +93,11 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str | None = None)
     A module with a ``convert_state_dict(state) -> state`` method (like timm's
     ``checkpoint_filter_fn``) first gets to map another layout of its weights onto its own.
     """
-    state = load_state_dict_file(path, prefix)
+    load_state(module, load_state_dict_file(path, prefix), str(path))
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load ``state`` (read from ``source``) into ``module``; see :func:`load_weights`."""
     if hasattr(module, "convert_state_dict"):
         state = module.convert_state_dict(state)
     own = module.state_dict()
@@ -112,7 +116,7 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str | None = None)
         parts += [f"unexpected keys: {head(unexpected)}"] if unexpected else []
         parts += [f"shape mismatches: {head(wrong_shape)}"] if wrong_shape else []
         raise RuntimeError(
-            f"weights in {path} do not fit {type(module).__name__}: " + "; ".join(parts)
+            f"weights in {source} do not fit {type(module).__name__}: " + "; ".join(parts)
             + ". Check that the model config matches the one the checkpoint was trained with."
         )
     module.load_state_dict(state)

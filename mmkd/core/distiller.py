@@ -210,10 +210,14 @@ class Distiller(Classifier):
         return self.total_loss(self.distillation_losses(batch), "train", len(batch[self.label_key]))
 
     # -- validation: the student, and the teacher once -----------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
+    def update_teacher_accuracy(self, batch: dict) -> None:
+        """The teacher's validation accuracy is measured once, in the first validation epoch."""
         if self.teacher_val_result is None and not self.trainer.sanity_checking:
             self.teacher_val_acc.update(self.teacher(self.teacher_input(batch[self.input_key])), batch[self.label_key])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self.update_teacher_accuracy(batch)
         self.student_tap.clear()
         self.teacher_tap.clear()
 

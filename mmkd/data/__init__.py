@@ -2,6 +2,7 @@
 
 from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, ResumableDataLoader, default_data_root
 from mmkd.data.images import FashionMNISTDataModule, IDXImageDataModule, MNISTDataModule
+from mmkd.data.semi import SemiSupervisedDataModule, balanced_labeled_split
 
 __all__ = [
     "EpochShuffleSampler",
@@ -10,5 +11,7 @@ __all__ = [
     "ImageTensorDataset",
     "MNISTDataModule",
     "ResumableDataLoader",
+    "SemiSupervisedDataModule",
+    "balanced_labeled_split",
     "default_data_root",
 ]

@@ -56,14 +56,30 @@ class EpochShuffleSampler(DistributedSampler):
     entry of the permutation, padded to a multiple of ``num_replicas`` as ``DistributedSampler``
     does. Being a ``DistributedSampler``, Lightning uses it as it is instead of wrapping it (a
     wrapper would not forward ``set_epoch``, and every epoch would repeat the first one's order).
+
+    With ``length`` larger than the data set, an epoch is that many draws: successive passes,
+    each its own permutation, and each pass its own augmentation key (a small labelled set
+    cycled alongside a large unlabelled one).
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        length: int | None = None,
+    ) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if distributed else 1)
         rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.dataset_size = num_samples
+        self.passes = 1
+        if length is not None and length > self.total_size:
+            self.num_samples = -(-length // num_replicas)
+            self.total_size = self.num_samples * num_replicas
+            self.passes = -(-self.total_size // num_samples)
 
     resume_epoch, resume_skip = -1, 0  # set by resume_at
 
@@ -74,13 +90,19 @@ class EpochShuffleSampler(DistributedSampler):
         self.resume_epoch, self.resume_skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        order += order[: self.total_size - len(order)]  # pad so every rank gets as many
+        order, keys = [], []
+        for pass_ in range(self.passes):
+            seed = self.seed * 7919 + self.epoch
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + pass_ if pass_ else seed)
+            order += torch.randperm(self.dataset_size, generator=generator).tolist()
+            keys += [self.epoch * self.passes + pass_] * self.dataset_size
+        padding = max(0, self.total_size - len(order))  # so that every rank gets as many
+        order, keys = order + order[:padding], keys + keys[:padding]
         skip = self.resume_skip if self.epoch == self.resume_epoch else 0
         self.resume_epoch, self.resume_skip = -1, 0
-        for index in order[self.rank + skip * self.num_replicas : self.total_size : self.num_replicas]:
-            yield index, self.epoch
+        positions = range(self.rank + skip * self.num_replicas, self.total_size, self.num_replicas)
+        for position in positions:
+            yield order[position], keys[position]
 
 
 class ResumableDataLoader(DataLoader):

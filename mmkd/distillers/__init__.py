@@ -1,7 +1,8 @@
 """One file per method. Classic distillers live in ``kd.py``."""
 
 from mmkd.core import Distiller
+from mmkd.distillers.dho import DHO, DualHeadStudent, dual_head_clip_student
 from mmkd.distillers.g2sd import G2SDGeneric, G2SDSpecific
 from mmkd.distillers.kd import AT, DKD, KD, RKD, FitNets
 
-__all__ = ["AT", "DKD", "Distiller", "FitNets", "G2SDGeneric", "G2SDSpecific", "KD", "RKD"]
+__all__ = ["AT", "DHO", "DKD", "Distiller", "DualHeadStudent", "FitNets", "G2SDGeneric", "G2SDSpecific", "KD", "RKD", "dual_head_clip_student"]

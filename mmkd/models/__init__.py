@@ -1,8 +1,13 @@
 """Model builders. Every builder returns a plain ``nn.Module`` whose module paths are the
 library's own, so feature taps address ``layer3`` or ``blocks.7`` exactly as in timm."""
 
+from mmkd.models.adapter import ImageAdapter
+from mmkd.models.clip import CLIPTrainer, ZeroShotClassifier, create_clip, zero_shot_weights
 from mmkd.models.mae import MAEPretrainer, MaskedAutoencoder, load_mae_encoder, vit_from_mae
 from mmkd.models.timm_models import timm_model
 from mmkd.models.vit import DistilledViT
 
-__all__ = ["DistilledViT", "MAEPretrainer", "MaskedAutoencoder", "load_mae_encoder", "timm_model", "vit_from_mae"]
+__all__ = [
+    "CLIPTrainer", "DistilledViT", "ImageAdapter", "MAEPretrainer", "MaskedAutoencoder", "ZeroShotClassifier",
+    "create_clip", "load_mae_encoder", "timm_model", "vit_from_mae", "zero_shot_weights",
+]  # fmt: skip

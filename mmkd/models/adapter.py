@@ -1,0 +1,72 @@
+"""Showing one batch to a model with another input format (a teacher with its own resolution,
+channels and normalisation)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _per_channel(values: float | Sequence[float]) -> torch.Tensor:
+    return torch.tensor([values] if isinstance(values, (int, float)) else list(values), dtype=torch.float32).view(1, -1, 1, 1)
+
+
+class ImageAdapter(nn.Module):
+    """Re-expresses a normalised image batch in a model's own format: undo the data's
+    normalisation, repeat greyscale to ``channels``, resize to ``size`` and normalise with the
+    model's ``mean``/``std``.
+
+    Applied to the batch the student sees, it gives the teacher the *same* (randomly cropped,
+    flipped) image at its own resolution, as DHO's training script does with one crop resized
+    twice. The data's normalisation (``input_mean``/``input_std``) may be set later with
+    :meth:`set_input_normalization` (distillers take it from the data module at setup); nothing
+    here is a buffer, so a teacher's weight fingerprint does not depend on it.
+
+    Args:
+        size: output height and width (an int for square).
+        mean, std: the model's per-channel normalisation.
+        channels: the model's input channels.
+        input_mean, input_std: the normalisation the batches arrive with.
+        interpolation: ``"bicubic"`` (CLIP's), ``"bilinear"`` or ``"nearest"``.
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+        channels: int = 3,
+        input_mean: float | Sequence[float] | None = None,
+        input_std: float | Sequence[float] | None = None,
+        interpolation: str = "bicubic",
+    ) -> None:
+        super().__init__()
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mean, self.std = _per_channel(mean), _per_channel(std)
+        self.channels, self.interpolation = channels, interpolation
+        self.input_mean = self.input_std = None
+        if input_mean is not None and input_std is not None:
+            self.set_input_normalization(input_mean, input_std)
+
+    def set_input_normalization(self, mean: float | Sequence[float], std: float | Sequence[float]) -> None:
+        self.input_mean, self.input_std = _per_channel(mean), _per_channel(std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_mean is None:
+            raise RuntimeError(
+                "ImageAdapter does not know how the input batches are normalised: set input_mean/input_std "
+                "(or use a distiller that takes them from the data module's mean/std)"
+            )
+        device = images.device
+        pixels = images.float() * self.input_std.to(device) + self.input_mean.to(device)
+        if pixels.shape[1] != self.channels:
+            if pixels.shape[1] != 1:
+                raise ValueError(f"cannot turn {pixels.shape[1]}-channel images into {self.channels} channels")
+            pixels = pixels.expand(-1, self.channels, -1, -1)
+        if tuple(pixels.shape[-2:]) != self.size:
+            antialias = self.interpolation in ("bilinear", "bicubic")
+            pixels = F.interpolate(pixels, size=self.size, mode=self.interpolation, align_corners=False if antialias else None, antialias=antialias)
+        return (pixels - self.mean.to(device)) / self.std.to(device)
