@@ -18,7 +18,6 @@ from mmkd.data import FashionMNISTDataModule, SemiSupervisedDataModule, balanced
 from mmkd.distillers import DHO, DualHeadStudent, dual_head_clip_student
 from mmkd.distillers.dho import mix_log_probs, search_mix
 from mmkd.models import ImageAdapter, ZeroShotClassifier, create_clip, timm_model, zero_shot_weights
-from mmkd.models.clip import IMAGENET_TEMPLATES
 
 from conftest import CONFIGS, SHORT  # noqa: E402
 

@@ -31,6 +31,16 @@ def weights(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def random_clip_teacher() -> None:
+    """Randomly initialised CLIP weights where configs/dho/fmnist.yaml looks for its teacher."""
+    from safetensors.torch import save_file
+
+    from mmkd.models import create_clip
+
+    Path("runs/dho").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in create_clip("mmkd-clip-tiny").state_dict().items()}, "runs/dho/clip_fmnist.safetensors")
+
+
 @pytest.mark.slow
 def test_every_distiller_trains_under_ddp(teacher_in_place: Path) -> None:
     mmkd_fit("kd/fmnist_kd.yaml", *DDP, "--trainer.callbacks.init_args.dirpath=kd")
@@ -39,24 +49,38 @@ def test_every_distiller_trains_under_ddp(teacher_in_place: Path) -> None:
         lightning_cli(["fit", "-c", str(CONFIGS / config), *SHORT])
     mmkd_fit("g2sd/generic.yaml", *DDP)
     mmkd_fit("g2sd/specific.yaml", *DDP)
-    for folder in ("kd", "runs/g2sd/generic", "runs/g2sd/specific"):
+    random_clip_teacher()
+    mmkd_fit("dho/fmnist.yaml", *DDP, "--model.init_args.mix=search")  # the search gathers both ranks' logits
+    for folder in ("kd", "runs/g2sd/generic", "runs/g2sd/specific", "runs/dho/fmnist"):
         checkpoint = torch.load(f"{folder}/last.ckpt", map_location="cpu", weights_only=True)
         assert checkpoint["global_step"] == 3 and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
     assert Path("runs/g2sd/generic/export/encoder.safetensors").is_file()  # written once, by rank 0
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(data_root: Path) -> None:
+KILLED_RUNS = [
+    pytest.param("g2sd/vit_alone.yaml", [{"epoch": 0, "batches_yielded": 4}], id="vit"),
+    # DHO: two loaders side by side, the labelled one on its first pass of the epoch (the key is
+    # epoch * passes + pass) and the unlabelled one; the searched (alpha, beta) come back too
+    pytest.param("dho/fmnist.yaml", [{"epoch": 0, "batches_yielded": 4}] * 2, id="dho", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("config", "positions"), KILLED_RUNS)
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(data_root: Path, config: str, positions: list[dict]) -> None:
     # 2 epochs of 6 steps, a checkpoint every 2 steps; the run is killed after step 5, so it
     # resumes from step 4, in the middle of the first epoch (mixup draws from numpy's RNG, whose
     # state comes back from the checkpoint too).
     common = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=6", "--trainer.callbacks.init_args.every_n_train_steps=2"]
-    mmkd_fit("g2sd/vit_alone.yaml", *common, "--trainer.callbacks.init_args.dirpath=straight")
+    if config.startswith("dho"):
+        random_clip_teacher()
+        common.append("--model.init_args.mix=search")
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=straight")
     kill = '--trainer.callbacks+={"class_path": "kill_callback.KillAtStep", "init_args": {"step": 5}}'
-    mmkd_fit("g2sd/vit_alone.yaml", *common, "--trainer.callbacks.init_args.dirpath=killed", kill, returncode=-9)
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", kill, returncode=-9)
     interrupted = torch.load("killed/last.ckpt", map_location="cpu", weights_only=True)
     assert interrupted["global_step"] == 4 and interrupted["epoch"] == 0
-    assert interrupted["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_yielded": 4}]
-    mmkd_fit("g2sd/vit_alone.yaml", *common, "--trainer.callbacks.init_args.dirpath=killed", "--ckpt_path=last")
+    assert interrupted["loops"]["fit_loop"]["state_dict"]["combined_loader"] == positions
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", "--ckpt_path=last")
     straight, resumed = weights("straight/last.ckpt"), weights("killed/last.ckpt")
     assert torch.load("killed/last.ckpt", weights_only=True)["global_step"] == 12
     for key in straight:
@@ -114,6 +138,8 @@ def test_fsdp2_checkpoints_resume_and_load_into_one_process(teacher_in_place: Pa
         lightning_cli(["fit", "-c", str(CONFIGS / config), *SHORT])
     for config in ("g2sd/generic.yaml", "g2sd/specific.yaml"):
         mmkd_fit(config, *fsdp2, "--model.init_args.shard_teacher=true")
+    random_clip_teacher()
+    mmkd_fit("dho/fmnist.yaml", *fsdp2, "--model.init_args.mix=search")
     assert Path("runs/g2sd/generic/export/encoder.safetensors").is_file() and Path("runs/g2sd/specific/last.ckpt/.metadata").is_file()
     encoder = lightning_cli(["-c", str(CONFIGS / "g2sd/specific.yaml"), *SHORT], run=False).model.model.encoder  # read from the folder
     torch.testing.assert_close(encoder.state_dict()["blocks.0.attn.qkv.weight"], load_state_dict_file("runs/g2sd/generic/export/encoder.safetensors")["blocks.0.attn.qkv.weight"])

@@ -80,12 +80,28 @@ def create_clip(name: str, pretrained: str | None = None) -> nn.Module:
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"CLIP weights not found: {path}. Train them with `mmkd fit -c configs/dho/clip_fmnist.yaml` or fix the path.")
-    model = open_clip.create_model(name)
+    model = _random_init_quietly(name)
     state = load_state_dict_file(path)
     if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k[len("module."):]: v for k, v in state.items()}
     load_state(model, state, str(path))
     return model
+
+
+def _random_init_quietly(name: str) -> nn.Module:
+    """open_clip's model, built without weights, which mmkd loads next: without open_clip's
+    warning that it stays randomly initialised."""
+    import open_clip
+
+    def not_the_random_init_warning(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(not_the_random_init_warning)
+    try:
+        return open_clip.create_model(name)
+    finally:
+        root.removeFilter(not_the_random_init_warning)
 
 
 @torch.no_grad()
