@@ -45,8 +45,10 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
     """Build the LightningCLI (model and data in subclass mode, omegaconf parser mode)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     import mmkd.strategies  # noqa: F401  (registers --trainer.strategy=fsdp2)
+    from mmkd.core.checkpoint import AtomicCheckpointIO
 
     class MMKDCLI(LightningCLI):
         def instantiate_classes(self) -> None:
@@ -59,6 +61,9 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
                 if not causes:
                     raise
                 raise ConfigError("cannot build the objects of this config: " + "; ".join(causes)) from None
+            strategy = self.trainer.strategy
+            if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one from the config
+                strategy.checkpoint_io = AtomicCheckpointIO()
 
     return MMKDCLI(
         L.LightningModule,

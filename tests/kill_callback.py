@@ -14,3 +14,30 @@ class KillAtStep(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillDuringSave(Callback):
+    """SIGKILLs its process half-way through writing ``last.ckpt`` at a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step != self.step:
+            return
+        import io
+
+        import torch
+
+        real_save = torch.save
+
+        def save_half_then_die(obj, f, *args, **kwargs):
+            if "last.ckpt" not in str(getattr(f, "name", f)):
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save_half_then_die

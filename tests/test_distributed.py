@@ -87,6 +87,17 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(data_root: Path, con
         assert torch.equal(resumed[key], straight[key]), key
 
 
+def test_a_kill_while_saving_leaves_the_previous_last_checkpoint_whole(data_root: Path) -> None:
+    common = ["--trainer.limit_train_batches=6", "--trainer.callbacks.init_args.every_n_train_steps=2", "--trainer.callbacks.init_args.dirpath=ckpts"]
+    kill = '--trainer.callbacks+={"class_path": "kill_callback.KillDuringSave", "init_args": {"step": 4}}'
+    mmkd_fit("kd/fmnist_student_alone.yaml", *common, kill, returncode=-9)
+    assert torch.load("ckpts/last.ckpt", weights_only=True)["global_step"] == 2  # the save of step 4 died half-way
+    assert len(list(Path("ckpts").glob(".last.ckpt.tmp-*"))) == 1  # its partial file, beside it
+    mmkd_fit("kd/fmnist_student_alone.yaml", *common, "--ckpt_path=last")
+    assert torch.load("ckpts/last.ckpt", weights_only=True)["global_step"] == 6
+    assert not list(Path("ckpts").glob(".last.ckpt.tmp-*"))
+
+
 @pytest.mark.slow
 def test_a_dead_rank_stops_the_other_within_seconds(data_root: Path) -> None:
     kill = '--trainer.callbacks+={"class_path": "kill_callback.KillAtStep", "init_args": {"step": 1, "rank": 1}}'

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 
@@ -120,3 +123,33 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
             + ". Check that the model config matches the one the checkpoint was trained with."
         )
     module.load_state_dict(state)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on local disks: the checkpoint is written to a
+    hidden temporary file in the target's folder, flushed to disk, then renamed over the target
+    (``os.replace`` is atomic within one file system). A process killed while saving leaves the
+    previous ``last.ckpt`` whole; the partial temporary file it leaves is removed by the next save
+    of that path. (Lightning's own writer stages the file in the system temp folder and moves it,
+    which is a copy, not a rename, when that folder is another file system.) Remote paths go
+    through Lightning's writer. ``mmkd`` uses this writer unless the config sets another ``CheckpointIO`` plugin.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(str(path).removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
+            stale.unlink(missing_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself survives a power cut
+        finally:
+            os.close(folder)

@@ -192,8 +192,8 @@ class DHO(Distiller):
         mix: Literal["fixed", "search"] = "fixed",
         alpha: float = 0.5,
         beta: float = 0.5,
-        alpha_grid: list[float] = list(ALPHA_GRID),
-        beta_grid: list[float] = list(BETA_GRID),
+        alpha_grid: Sequence[float] = ALPHA_GRID,
+        beta_grid: Sequence[float] = BETA_GRID,
         **kwargs: Any,
     ) -> None:
         if not isinstance(student, DualHeadStudent):
@@ -266,6 +266,8 @@ class DHO(Distiller):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
+        if not self._val_logits:
+            return
         ce_logits, kd_logits, labels = (torch.cat(parts) for parts in zip(*self._val_logits))
         self._val_logits.clear()
         if self.trainer.world_size > 1:  # every process searches on the whole split, so all agree
