@@ -44,7 +44,7 @@ def _cause_lines(message: str) -> list[str]:
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
     """Build the LightningCLI (model and data in subclass mode, omegaconf parser mode)."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     import mmkd.strategies  # noqa: F401  (registers --trainer.strategy=fsdp2)
@@ -65,12 +65,22 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
             if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one from the config
                 strategy.checkpoint_io = AtomicCheckpointIO()
 
+    class LoggedConfig(SaveConfigCallback):
+        """Writes config.yaml beside the logs, and gives every logger the resolved config."""
+
+        def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            config = self.config.clone()
+            config.pop("config", None)  # the paths of the -c files
+            for logger in trainer.loggers:
+                logger.log_hyperparams(config.as_dict())
+
     return MMKDCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         args=list(args) if args is not None else None,
