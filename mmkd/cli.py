@@ -26,6 +26,8 @@ tools:
              mmkd cache -c configs/kd/fmnist_kd.yaml --out runs/cache/kd --data.init_args.augment=false
   consolidate  turn an FSDP2 checkpoint folder into one file for single-process test/predict/export:
              mmkd consolidate runs/students/fmnist_kd/last.ckpt
+  export     write a trained student to ONNX (checked against PyTorch with onnxruntime):
+             mmkd export -c configs/kd/fmnist_kd.yaml --ckpt_path runs/students/fmnist_kd/last.ckpt
 
 Run `mmkd COMMAND --help` for the options of one command.
 """
@@ -172,7 +174,39 @@ def consolidate_main(argv: Sequence[str]) -> None:
     print(f"wrote {out}")
 
 
-COMMANDS = {"inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main}
+def export_main(argv: Sequence[str]) -> None:
+    from mmkd.export import export_onnx, onnx_max_difference, student_from_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="mmkd export",
+        description="Write the student of a config, with the weights of a checkpoint, to ONNX, and check the ONNX "
+        "model against PyTorch on a validation batch with onnxruntime. Other arguments are config overrides.",
+    )
+    parser.add_argument("-c", "--config", required=True, help="the config the student was trained with")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint of that config (file or FSDP2 folder)")
+    parser.add_argument("--out", default=None, help="the .onnx file (default: CKPT_PATH with .onnx)")
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference to PyTorch")
+    args, overrides = parser.parse_known_args(list(argv))
+    cli = lightning_cli(["-c", args.config, *overrides], run=False)
+    try:
+        student = student_from_checkpoint(cli.model.model, args.ckpt_path)
+    except (FileNotFoundError, RuntimeError) as err:
+        print(f"mmkd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    datamodule = cli.datamodule
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    batch = next(iter(datamodule.val_dataloader()))["image"][:8]
+    out = export_onnx(student, batch, args.out or f"{str(args.ckpt_path).rstrip('/')}.onnx", args.opset)
+    difference = onnx_max_difference(student, out, [batch, batch[:1]])
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB); onnxruntime vs PyTorch on a validation batch: max |diff| = {difference:.2e}")
+    if difference > args.atol:
+        print(f"mmkd: error: the ONNX model differs from PyTorch by {difference:.2e} > --atol {args.atol}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+COMMANDS = {"inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main, "export": export_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

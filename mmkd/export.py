@@ -1,0 +1,56 @@
+"""Exporting a trained student to ONNX, checked against PyTorch with onnxruntime."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmkd.core.checkpoint import load_state, load_state_dict_file
+
+
+def student_from_checkpoint(model: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """``model`` (the student built from a config) with the student weights of a Lightning
+    checkpoint, a consolidated or sharded FSDP2 checkpoint, or a weights file."""
+    load_state(model, load_state_dict_file(checkpoint), str(checkpoint))
+    return model.eval()
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 18) -> Path:
+    """Write ``model`` (in eval mode) to ONNX with a dynamic batch dimension: input ``image``,
+    output ``output``, whatever the model's ``forward`` returns. What a model computes in
+    ``forward`` is in the graph: DHO's head mix with its alpha and beta, G2SD's mean of the
+    class and distillation heads. Written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1)
+    for name in ("torch.onnx", "onnxscript"):  # the exporter narrates every pass at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    program = torch.onnx.export(
+        model, (example,), input_names=["image"], output_names=["output"], opset_version=opset,
+        dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+    )  # fmt: skip
+    program.save(str(tmp), external_data=False)
+    tmp.replace(path)
+    return path
+
+
+def onnx_max_difference(model: nn.Module, path: str | Path, inputs: Sequence[torch.Tensor]) -> float:
+    """Largest absolute difference between onnxruntime's outputs for ``inputs`` and PyTorch's."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with torch.no_grad():
+        for batch in inputs:
+            expected = model.eval()(batch).float().numpy()
+            [actual] = session.run(None, {"image": batch.numpy()})
+            worst = max(worst, float(np.abs(actual - expected).max()))
+    return worst

@@ -1,0 +1,65 @@
+"""`mmkd export`: students to ONNX, run with onnxruntime against PyTorch; DHO's head mix and
+G2SD's mean of heads inside the exported graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from mmkd.cli import lightning_cli, main
+from mmkd.distillers import DualHeadStudent
+from mmkd.distillers.dho import mix_log_probs
+from mmkd.export import export_onnx, onnx_max_difference
+from mmkd.models import DistilledViT, timm_model
+
+from conftest import CONFIGS, SHORT  # noqa: E402
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+
+
+def test_export_command_writes_a_student_that_onnxruntime_runs_like_pytorch(data_root: Path, capsys: pytest.CaptureFixture) -> None:
+    config = str(CONFIGS / "kd/fmnist_student_alone.yaml")
+    lightning_cli(["fit", "-c", config, *SHORT, "--trainer.callbacks.init_args.dirpath=student"])
+    main(["export", "-c", config, "--ckpt_path", "student/last.ckpt", "--out", "student.onnx"])
+    assert "max |diff|" in capsys.readouterr().out
+    cli = lightning_cli(["test", "-c", config, *SHORT, "--ckpt_path=student/last.ckpt"])  # the same weights in PyTorch
+    cli.datamodule.setup("test")
+    images = next(iter(cli.datamodule.test_dataloader()))["image"][:50]
+    with torch.no_grad():
+        expected = cli.model.model.eval()(images)
+    torch.testing.assert_close(run_onnx(Path("student.onnx"), images), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "-c", config, "--ckpt_path", "missing.ckpt"])
+    assert exit_.value.code == 2 and "checkpoint not found: missing.ckpt" in capsys.readouterr().err
+
+
+def test_dho_mix_is_in_the_exported_graph() -> None:
+    torch.manual_seed(0)
+    backbone = timm_model("resnet10t", num_classes=0, in_chans=1, model_args={"channels": [4, 8, 16, 32], "stem_width": 4})
+    student = DualHeadStudent(backbone, 10, alpha=0.2, beta=2.0).eval()
+    images = torch.randn(5, 1, 28, 28)
+    export_onnx(student, images[:2], "dho.onnx")
+    with torch.no_grad():
+        ce_logits, kd_logits = student.forward_heads(images)
+    exported = run_onnx(Path("dho.onnx"), images)  # another batch size than at export
+    torch.testing.assert_close(exported, mix_log_probs(ce_logits, kd_logits, 0.2, 2.0), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(exported, mix_log_probs(ce_logits, kd_logits, 0.5, 0.5), atol=1e-3)
+
+
+def test_g2sd_mean_of_heads_is_in_the_exported_graph() -> None:
+    torch.manual_seed(0)
+    encoder = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    student = DistilledViT(encoder).eval()
+    images = torch.randn(3, 1, 28, 28)
+    export_onnx(student, images, "vit.onnx")
+    with torch.no_grad():
+        cls_logits, dist_logits = student.forward_heads(images)
+    torch.testing.assert_close(run_onnx(Path("vit.onnx"), images), (cls_logits + dist_logits) / 2, rtol=1e-4, atol=1e-5)
+    assert onnx_max_difference(student, "vit.onnx", [images, images[:1]]) < 1e-4
