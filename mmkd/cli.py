@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ tools:
              mmkd cache -c configs/kd/fmnist_kd.yaml --out runs/cache/kd --data.init_args.augment=false
   consolidate  turn an FSDP2 checkpoint folder into one file for single-process test/predict/export:
              mmkd consolidate runs/students/fmnist_kd/last.ckpt
+  zoo        pretrained students: mmkd zoo list | info NAME | download NAME | verify
+             (in Python: mmkd.zoo.load(NAME); in a config: checkpoint: zoo:NAME)
   export     write a trained student to ONNX (checked against PyTorch with onnxruntime):
              mmkd export -c configs/kd/fmnist_kd.yaml --ckpt_path runs/students/fmnist_kd/last.ckpt
 
@@ -206,7 +209,41 @@ def export_main(argv: Sequence[str]) -> None:
         raise SystemExit(1)
 
 
-COMMANDS = {"inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main, "export": export_main}
+def zoo_main(argv: Sequence[str]) -> None:
+    from mmkd import zoo
+
+    parser = argparse.ArgumentParser(prog="mmkd zoo", description="Pretrained students: list, describe, download, verify.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="the zoo's students with their measured metrics")
+    commands.add_parser("info", help="one entry of the manifest").add_argument("name")
+    download = commands.add_parser("download", help="fetch a student's weights into the cache ($MMKD_CACHE/zoo)")
+    download.add_argument("name")
+    download.add_argument("--force", action="store_true", help="download even if a verified copy exists")
+    commands.add_parser("verify", help="check the sha256 of every local zoo file")
+    args = parser.parse_args(list(argv))
+    try:
+        if args.command == "list":
+            print(f"{'name':32} {'distiller':10} {'test acc':>9} {'size':>9}  architecture")
+            for name, entry in zoo.entries().items():
+                accuracy = entry["metrics"].get("test/acc")
+                accuracy = f"{100 * accuracy:.2f} %" if accuracy is not None else "-"
+                print(f"{name:32} {entry['distiller']:10} {accuracy:>9} {entry['size'] / 2**10:>6.0f} KiB  {entry['architecture_summary']}")
+        elif args.command == "info":
+            print(json.dumps(zoo.info(args.name), indent=2))
+        elif args.command == "download":
+            print(zoo.fetch(args.name, force=args.force))
+        else:
+            status = zoo.verify()
+            for name, state in status.items():
+                print(f"{name:32} {state}")
+            if any(state.startswith("corrupt") for state in status.values()):
+                raise SystemExit(1)
+    except zoo.ZooError as err:
+        print(f"mmkd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+COMMANDS = {"zoo": zoo_main, "inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main, "export": export_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

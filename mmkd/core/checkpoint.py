@@ -38,8 +38,12 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
     it; by default a Lightning checkpoint of an mmkd ``Classifier``/``Distiller`` is stripped of
     ``model.`` so that the network alone loads. Files that keep the weights under ``"model"``
     (the MAE and DeiT releases) are read from there, and an FSDP2 checkpoint folder is read
-    through :func:`consolidated_checkpoint`.
+    through :func:`consolidated_checkpoint`; ``zoo:NAME`` is a model of the zoo (:mod:`mmkd.zoo`).
     """
+    if str(path).startswith("zoo:"):  # a model of the zoo (mmkd.zoo), fetched and verified
+        from mmkd import zoo
+
+        path = zoo.fetch(str(path)[len("zoo:") :])
     path = Path(path).expanduser()
     if (path / ".metadata").is_file():
         state = consolidated_checkpoint(path)  # a Lightning checkpoint, read like the files below

@@ -1,0 +1,161 @@
+"""The model zoo: the repository's students against their recorded metrics, and downloads from a
+real HTTP server on loopback (resume after a cut, a tampered file, 404, connection refused, a
+pickle payload that must never run)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmkd import zoo
+from mmkd.cli import main
+from mmkd.data import FashionMNISTDataModule
+from mmkd.models import timm_model
+
+
+class Files(BaseHTTPRequestHandler):
+    """Serves ``files`` (path -> bytes) with HTTP range requests; ``cut`` (path -> bytes) closes
+    the connection after that many bytes of the body, once."""
+
+    files: dict[str, bytes] = {}
+    cut: dict[str, int] = {}
+    ranges: list[str | None] = []
+
+    def do_GET(self) -> None:
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.ranges.append(self.headers.get("Range"))
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        limit = self.cut.pop(self.path, None)
+        self.wfile.write(body[start : start + limit] if limit is not None else body[start:])
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server():
+    Files.files, Files.cut, Files.ranges = {}, {}, []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture
+def student_file(tmp_path: Path) -> bytes:
+    torch.manual_seed(0)
+    model = timm_model("resnet10t", num_classes=10, in_chans=1, model_args={"channels": [4, 8, 16, 32], "stem_width": 4})
+    save_file(model.state_dict(), str(tmp_path / "student.safetensors"))
+    return (tmp_path / "student.safetensors").read_bytes()
+
+
+def use_manifest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: str, payload: bytes, name: str = "tiny") -> None:
+    """A manifest with one entry for ``payload``, served at ``server``; no repository files."""
+    architecture = json.loads((zoo.REPO_ZOO / "manifest.json").read_text())["models"][0]["architecture"]
+    entry = {"name": name, "architecture": architecture, "file": f"{name}.safetensors", "url": None,
+             "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": [entry]}))
+    monkeypatch.setenv("MMKD_ZOO_MANIFEST", str(tmp_path / "manifest.json"))
+    monkeypatch.setenv("MMKD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MMKD_ZOO_URL", server)
+    monkeypatch.setattr(zoo, "REPO_ZOO", tmp_path / "no-repository")
+
+
+def cached_files(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "cache" / "zoo").glob("*") if p.is_file())
+
+
+def test_repository_students_load_and_score_their_recorded_accuracy(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMKD_CACHE", str(tmp_path / "cache"))  # nothing cached: read from model_zoo/files
+    data = FashionMNISTDataModule(root=str(data_root), batch_size=500)
+    data.setup("test")
+    for name, entry in zoo.entries().items():
+        assert entry["sha256"] and entry["size"] and entry["licence"] and entry["metrics"]["command"]
+        model = zoo.load(name)
+        accuracy = MulticlassAccuracy(10, average="micro")
+        with torch.no_grad():
+            for batch in data.test_dataloader():
+                accuracy.update(model(batch["image"]), batch["label"])
+        assert float(accuracy.compute()) == pytest.approx(entry["metrics"]["test/acc"], abs=1e-4), name
+    assert cached_files(tmp_path) == []  # the repository's files were used where they are
+
+
+def test_download_verifies_caches_and_resumes_a_cut_transfer(server: str, student_file: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_manifest(monkeypatch, tmp_path, server, student_file)
+    Files.files["/tiny.safetensors"] = student_file
+    Files.cut["/tiny.safetensors"] = len(student_file) // 3
+    with pytest.raises(zoo.ZooError, match="transfer of tiny was cut.*run the download again to resume"):
+        zoo.fetch("tiny", progress=False)
+    assert cached_files(tmp_path) == []  # only the partial file, out of the cache proper
+    assert (tmp_path / "cache/zoo/.partial/tiny.safetensors").stat().st_size == len(student_file) // 3
+    path = zoo.fetch("tiny", progress=False)
+    assert Files.ranges == [None, f"bytes={len(student_file) // 3}-"]  # the second request resumed
+    assert path.read_bytes() == student_file and cached_files(tmp_path) == ["tiny.safetensors"]
+    model = zoo.load("tiny")  # from the cache: no new request
+    assert len(Files.ranges) == 2 and not model.training
+    torch.testing.assert_close(model.state_dict()["fc.weight"], timm_model("resnet10t", checkpoint="zoo:tiny", model_args={"channels": [4, 8, 16, 32], "stem_width": 4}).state_dict()["fc.weight"])
+
+
+def test_a_tampered_file_is_deleted_and_reported(server: str, student_file: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_manifest(monkeypatch, tmp_path, server, student_file)
+    tampered = bytearray(student_file)
+    tampered[-10] ^= 0xFF
+    Files.files["/tiny.safetensors"] = bytes(tampered)
+    with pytest.raises(zoo.ZooError, match="checksum mismatch for tiny.*The file was deleted"):
+        zoo.fetch("tiny", progress=False)
+    assert cached_files(tmp_path) == [] and not list((tmp_path / "cache/zoo/.partial").iterdir())
+
+
+def test_missing_file_and_unreachable_server_are_clear_errors(server: str, student_file: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_manifest(monkeypatch, tmp_path, server, student_file)
+    with pytest.raises(zoo.ZooError, match="answered HTTP 404"):
+        zoo.fetch("tiny", progress=False)
+    monkeypatch.setenv("MMKD_ZOO_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(zoo.ZooError, match="cannot reach http://127.0.0.1:9/tiny.safetensors.*Connection refused"):
+        zoo.fetch("tiny", progress=False)
+    assert cached_files(tmp_path) == []
+    with pytest.raises(zoo.ZooError, match="no zoo model named 'tinny'; close names: \\['tiny'\\]"):
+        zoo.info("tinny")
+
+
+class Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path("pickle-payload-ran"),))
+
+
+def test_a_pickle_is_never_unpickled(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.save({"fc.weight": Payload()}, tmp_path / "evil.pt")
+    payload = (tmp_path / "evil.pt").read_bytes()
+    use_manifest(monkeypatch, tmp_path, server, payload)  # even with the manifest's checksum matching it
+    Files.files["/tiny.safetensors"] = payload
+    with pytest.raises(zoo.ZooError, match="is not a safetensors file.*never unpickled"):
+        zoo.load("tiny")
+    assert not Path("pickle-payload-ran").exists()
+
+
+def test_zoo_command(capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMKD_CACHE", str(tmp_path / "cache"))
+    main(["zoo", "list"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in zoo.entries())
+    main(["zoo", "info", "fmnist-resnet10t-kd"])
+    assert json.loads(capsys.readouterr().out)["distiller"] == "KD"
+    main(["zoo", "verify"])
+    assert "fmnist-resnet10t-kd" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["zoo", "download", "no-such-model"])
+    assert exit_.value.code == 2 and "no zoo model named 'no-such-model'" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""Turn a trained checkpoint into a zoo file and a manifest entry: the student's weights as
+safetensors in model_zoo/files/, its architecture spec from the config (so mmkd.zoo.load rebuilds
+it without the config), sha256 and size, and its test metrics re-measured here.
+
+    python tools/zoo_publish.py --name fmnist-resnet10t-kd -c configs/kd/fmnist_kd.yaml \\
+        --ckpt runs/bench_kd8/seed0/kd/last.ckpt --distiller KD --teacher "..." --data "..." \\
+        --model.init_args.teacher.init_args.checkpoint=runs/bench_kd8/seed0/teacher/last.ckpt
+
+Other arguments are config overrides (e.g. where the teacher's weights are). An entry of the same
+name is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Keys whose string values point at weights files of the training machine; the zoo file holds the weights.
+WEIGHT_KEYS = ("checkpoint", "encoder_checkpoint", "pretrained")
+
+
+def portable(spec):
+    """A config spec as plain JSON, without local weight paths."""
+    if isinstance(spec, dict):  # jsonargparse records the files a spec was read from as __path__
+        return {k: (None if k in WEIGHT_KEYS and isinstance(v, str) else portable(v)) for k, v in spec.items() if k != "__path__"}
+    if isinstance(spec, (list, tuple)):
+        return [portable(v) for v in spec]
+    return spec if spec is None or isinstance(spec, (bool, int, float, str)) else str(spec)
+
+
+def main() -> None:
+    from safetensors.torch import save_file
+
+    from mmkd import zoo
+    from mmkd.cli import lightning_cli
+    from mmkd.core.checkpoint import sha256_file
+    from mmkd.experiment import evaluate_checkpoint
+    from mmkd.export import student_from_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--distiller", required=True, help="short name: KD, DHO, G2SD, ...")
+    parser.add_argument("--teacher", required=True, help="what taught it, with its own measured accuracy")
+    parser.add_argument("--data", required=True, help="training data and labels used")
+    parser.add_argument("--summary", required=True, help="architecture in a few words")
+    parser.add_argument("--licence", default="Apache-2.0")
+    args, overrides = parser.parse_known_args()
+
+    cli = lightning_cli(["-c", args.config, *overrides], run=False)
+    model_config = cli.config.as_dict()["model"]["init_args"]
+    architecture = portable(model_config.get("student") or model_config["model"])
+    student = student_from_checkpoint(cli.model.model, args.ckpt)
+    state = {key: value.detach().contiguous() for key, value in student.state_dict().items()}
+    rebuilt = zoo.build(architecture)
+    rebuilt.load_state_dict(state)  # the spec really rebuilds this network
+    files = zoo.REPO_ZOO / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    path = files / f"{args.name}.safetensors"
+    save_file(state, str(path))
+
+    metrics = evaluate_checkpoint(args.config, args.ckpt, overrides)
+    command = shlex.join(["mmkd", "test", "-c", args.config, "--ckpt_path", args.ckpt, *overrides])
+    entry = {
+        "name": args.name, "architecture_summary": args.summary, "architecture": architecture,
+        "input_shape": list(cli.datamodule.input_shape),
+        "input_normalization": {"mean": getattr(cli.datamodule, "mean", None), "std": getattr(cli.datamodule, "std", None)},
+        "distiller": args.distiller, "config": args.config, "teacher": args.teacher, "data": args.data,
+        "metrics": {key: metrics[key] for key in sorted(metrics) if key.startswith("test/")} | {"command": command},
+        "params": sum(p.numel() for p in student.parameters()),
+        "file": path.name, "url": None, "sha256": sha256_file(path), "size": path.stat().st_size, "licence": args.licence,
+    }  # fmt: skip
+    manifest = zoo.manifest_path()
+    models = json.loads(manifest.read_text())["models"] if manifest.is_file() else []
+    models = [m for m in models if m["name"] != args.name] + [entry]
+    manifest.write_text(json.dumps({"models": models}, indent=2) + "\n")
+    print(f"wrote {path} ({entry['size']} bytes) and the entry {args.name} in {manifest}: test/acc {entry['metrics'].get('test/acc')}")
+    torch.testing.assert_close(zoo.load(args.name)(torch.zeros(1, *entry["input_shape"])), student(torch.zeros(1, *entry["input_shape"])))
+
+
+if __name__ == "__main__":
+    main()
