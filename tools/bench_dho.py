@@ -21,35 +21,22 @@ import argparse
 import os
 import time
 
-from benchlib import report, run_once
+from benchlib import add_run_arguments, report, seeded_run, shared_overrides
 
 CONFIGS = "configs/dho"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    add_run_arguments(parser, out="bench/dho_fmnist_{percent}pct.json", workdir="runs/bench_dho")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1])
     parser.add_argument("--clip-epochs", type=int, default=None, help="teacher CLIP training (default: the config's)")
     parser.add_argument("--epochs", type=int, default=None, help="the students (default: the config's)")
-    parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed on a GPU")
-    parser.add_argument("--override", action="append", default=[], help="extra CLI override for every run")
-    parser.add_argument("--out", default="bench/dho_fmnist_{percent}pct.json")
-    parser.add_argument("--workdir", default="runs/bench_dho")
     args = parser.parse_args()
-
-    work = args.workdir
-    shared = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={work}/logs"]
-    if args.precision:
-        shared.append(f"--trainer.precision={args.precision}")
-    shared += args.override
+    work, shared = args.workdir, shared_overrides(args)
 
     def run(name: str, config: str, run_dir: str, seed: int, epochs: int | None, extra: list[str]) -> dict:
-        overrides = [*shared, f"--seed_everything={seed}", f"--trainer.callbacks.init_args.dirpath={run_dir}", *extra]
-        if epochs:
-            overrides.append(f"--trainer.max_epochs={epochs}")
-        print(f"[seed {seed}] {name}", flush=True)
-        return {"seed": seed, **run_once(f"{CONFIGS}/{config}", run_dir, overrides, reuse=False, epochs=epochs)}
+        return seeded_run(name, f"{CONFIGS}/{config}", run_dir, seed, epochs, [*shared, *extra])
 
     started, load_before = time.time(), os.getloadavg()
     clip_weights = f"{work}/clip_fmnist.safetensors"

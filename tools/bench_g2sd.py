@@ -19,37 +19,24 @@ import argparse
 import os
 import time
 
-from benchlib import report, run_once
+from benchlib import add_run_arguments, report, seeded_run, shared_overrides
 
 CONFIGS = "configs/g2sd"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    add_run_arguments(parser, out="bench/g2sd_fmnist.json", workdir="runs/bench_g2sd")
     parser.add_argument("--mae-epochs", type=int, default=None, help="teacher MAE pre-training (default: the config's)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="teacher fine-tuning")
     parser.add_argument("--generic-epochs", type=int, default=None, help="G2SD generic stage")
     parser.add_argument("--epochs", type=int, default=None, help="the three students' supervised / specific stage")
-    parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed on a GPU")
-    parser.add_argument("--override", action="append", default=[], help="extra CLI override for every run, e.g. --override=--trainer.limit_train_batches=5")
-    parser.add_argument("--out", default="bench/g2sd_fmnist.json")
-    parser.add_argument("--workdir", default="runs/bench_g2sd")
     args = parser.parse_args()
-
-    work = args.workdir
-    shared = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={work}/logs"]
-    if args.precision:
-        shared.append(f"--trainer.precision={args.precision}")
-    shared += args.override
+    work, shared = args.workdir, shared_overrides(args)
 
     def run(name: str, config: str, run_dir: str, seed: int, epochs: int | None, extra: list[str], test: bool = True) -> dict:
-        overrides = [*shared, f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
-                     f"--trainer.callbacks.init_args.dirpath={run_dir}", *extra]  # fmt: skip
-        if epochs:
-            overrides.append(f"--trainer.max_epochs={epochs}")
-        print(f"[seed {seed}] {name}", flush=True)
-        return {"seed": seed, **run_once(f"{CONFIGS}/{config}", run_dir, overrides, reuse=False, epochs=epochs, test=test)}
+        overrides = [*shared, f"--data.init_args.seed={seed}", *extra]
+        return seeded_run(name, f"{CONFIGS}/{config}", run_dir, seed, epochs, overrides, test)
 
     started, load_before = time.time(), os.getloadavg()
     mae = run("mae_pretrain", "mae_pretrain.yaml", f"{work}/mae", 0, args.mae_epochs, [], test=False)

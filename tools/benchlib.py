@@ -50,6 +50,32 @@ def run_once(config: str, run_dir: str, overrides: list[str], reuse: bool, epoch
     return result
 
 
+def add_run_arguments(parser, out: str, workdir: str) -> None:
+    """The options every fit-and-test benchmark takes."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed on a GPU")
+    parser.add_argument("--override", action="append", default=[], help="extra CLI override for every run, e.g. --override=--trainer.limit_train_batches=5")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--workdir", default=workdir)
+
+
+def shared_overrides(args) -> list[str]:
+    """Overrides of every run: quiet, logs in the work folder, the precision and ``--override``s."""
+    shared = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={args.workdir}/logs"]
+    if args.precision:
+        shared.append(f"--trainer.precision={args.precision}")
+    return shared + args.override
+
+
+def seeded_run(label: str, config: str, run_dir: str, seed: int, epochs: int | None, overrides: list[str], test: bool = True) -> dict:
+    """:func:`run_once` of ``config`` with the seed, the checkpoint folder and the epochs set."""
+    overrides = [*overrides, f"--seed_everything={seed}", f"--trainer.callbacks.init_args.dirpath={run_dir}"]
+    if epochs:
+        overrides.append(f"--trainer.max_epochs={epochs}")
+    print(f"[seed {seed}] {label}", flush=True)
+    return {"seed": seed, **run_once(config, run_dir, overrides, reuse=False, epochs=epochs, test=test)}
+
+
 def accuracy_summary(results: dict[str, list[dict]]) -> dict[str, dict]:
     """Per model: mean and per-seed test accuracy, the share of the teacher's accuracy, parameters,
     and the mean fit time (None when every run was a reused checkpoint, not fitted here)."""
