@@ -62,9 +62,10 @@ def search_mix(
 class DualHeadStudent(nn.Module):
     """A feature extractor with DHO's two linear heads.
 
-    ``ce_head`` reads the raw features; ``kd_head`` reads L2-normalised features times
-    ``kd_scale`` (100, a CLIP-style cosine classifier, as in DHO's ImageNet script) or, with
-    ``kd_normalize=False``, the raw features (the few-shot scripts). ``forward`` returns the
+    ``ce_head`` reads the raw features; ``kd_head`` reads L2-normalised features and its output
+    is multiplied by ``kd_scale`` (100: a CLIP-style cosine classifier, as DHO's ImageNet script
+    computes ``kd_head(normalize(f)) * 100``) or, with ``kd_normalize=False``, it reads the raw
+    features (the few-shot scripts). ``forward`` returns the
     log of the mixed distribution with the ``alpha``/``beta`` held as buffers, so checkpoints,
     evaluation, prediction and exported models all carry the mix.
 
@@ -104,8 +105,9 @@ class DualHeadStudent(nn.Module):
         features = self.backbone(images)
         if features.ndim != 2:
             raise ValueError(f"the backbone returned {list(features.shape)}, not [batch, features]; build it without a classifier (num_classes=0)")
-        kd_features = F.normalize(features, dim=-1) * self.kd_scale if self.kd_normalize else features
-        return self.ce_head(features), self.kd_head(kd_features)
+        if self.kd_normalize:  # as the official code: the head's output is scaled, its bias too
+            return self.ce_head(features), self.kd_head(F.normalize(features, dim=-1)) * self.kd_scale
+        return self.ce_head(features), self.kd_head(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return mix_log_probs(*self.forward_heads(images), self.alpha, self.beta)
