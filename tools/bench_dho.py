@@ -12,6 +12,7 @@ the schedule of configs/dho/fmnist.yaml:
   single_head  CE + KD (labelled and unlabelled) on one head
   dho_fixed    DHO, heads mixed with alpha = beta = 0.5 (the ImageNet script)
   dho_search   the same run, (alpha, beta) picked on the validation split (the k-shot scripts)
+  dho_plain_kd_head   (with --plain-kd-head) DHO with a linear KD head on the raw features
 Each run keeps its result in <workdir>/.../result.json, so an interrupted benchmark resumes.
 """
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1])
     parser.add_argument("--clip-epochs", type=int, default=None, help="teacher CLIP training (default: the config's)")
     parser.add_argument("--epochs", type=int, default=None, help="the students (default: the config's)")
+    parser.add_argument("--plain-kd-head", action="store_true", help="also DHO with a plain linear KD head (kd_normalize=false)")
     args = parser.parse_args()
     work, shared = args.workdir, shared_overrides(args)
 
@@ -47,6 +49,8 @@ def main() -> None:
         "single_head": ["--model.init_args.single_head=true"],
         "dho_search": ["--model.init_args.mix=search"],
     }
+    if args.plain_kd_head:  # the few-shot scripts' KD head, on the raw features
+        students["dho_plain_kd_head"] = ["--model.init_args.mix=search", "--model.init_args.student.init_args.kd_normalize=false"]
     for fraction in args.fractions:
         percent = f"{100 * fraction:g}"
         results: dict[str, list[dict]] = {"teacher": [teacher]}
