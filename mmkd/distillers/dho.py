@@ -205,8 +205,7 @@ class DHO(Distiller):
         super().__init__(student, teacher, **kwargs)
         self.temperature, self.kd_weight, self.loss_lambda = temperature, kd_weight, loss_lambda
         self.single_head = single_head
-        self.ce_head_only = single_head or kd_weight == 0
-        if self.ce_head_only:
+        if single_head or kd_weight == 0:  # only the CE head learns, and it alone decides
             student.kd_head.requires_grad_(False)  # unused: DDP needs no find_unused_parameters
             alpha, mix = 1.0, "fixed"
         self.mix = mix
