@@ -11,7 +11,6 @@ verified (written by an atomic rename).
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import importlib
 import json
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from mmkd.core.checkpoint import sha256_file
 
 REPO_ZOO = Path(__file__).resolve().parents[1] / "model_zoo"
 DEFAULT_URL = "https://github.com/mmkd-project/mmkd/releases/download/zoo-v1"
@@ -54,14 +55,6 @@ def info(name: str) -> dict[str, Any]:
 
         raise ZooError(f"no zoo model named {name!r}; close names: {difflib.get_close_matches(name, known, n=5)}. `mmkd zoo list` lists all.")
     return known[name]
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _url(entry: dict[str, Any]) -> str:
@@ -103,7 +96,7 @@ def _download(url: str, target: Path, entry: dict[str, Any], progress: bool) -> 
     size = partial.stat().st_size
     if size < entry["size"]:
         raise ZooError(f"the transfer of {entry['name']} was cut at {size} of {entry['size']} bytes; run the download again to resume it")
-    digest = sha256_of(partial)
+    digest = sha256_file(partial)
     if size != entry["size"] or digest != entry["sha256"]:
         partial.unlink()
         raise ZooError(f"checksum mismatch for {entry['name']} from {url}: sha256 {digest[:16]}..., {size} bytes; the "
@@ -116,11 +109,11 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
     entry = info(name)
     target = cache_dir() / entry["file"]
     if not force and target.is_file():
-        if sha256_of(target) == entry["sha256"]:
+        if sha256_file(target) == entry["sha256"]:
             return target
         target.unlink()  # damaged in the cache: fetch it again
     in_repo = REPO_ZOO / "files" / entry["file"]
-    if not force and in_repo.is_file() and sha256_of(in_repo) == entry["sha256"]:
+    if not force and in_repo.is_file() and sha256_file(in_repo) == entry["sha256"]:
         return in_repo
     target.parent.mkdir(parents=True, exist_ok=True)
     _download(_url(entry), target, entry, progress)
@@ -167,7 +160,7 @@ def verify() -> dict[str, str]:
         if not found:
             status[name] = "missing"
             continue
-        bad = [p for p in found if sha256_of(p) != entry["sha256"]]
+        bad = [p for p in found if sha256_file(p) != entry["sha256"]]
         for path in bad:
             if path.parent == cache_dir():
                 path.unlink()

@@ -19,7 +19,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mmkd.core.distiller import Distiller
 from mmkd.losses import kd_loss
-from mmkd.models.clip import create_clip, set_input_normalization, zero_shot_weights
+from mmkd.models.adapter import set_input_normalization
+from mmkd.models.clip import create_clip, zero_shot_weights
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 BETA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)

@@ -3,7 +3,7 @@ channels and normalisation)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +70,14 @@ class ImageAdapter(nn.Module):
             antialias = self.interpolation in ("bilinear", "bicubic")
             pixels = F.interpolate(pixels, size=self.size, mode=self.interpolation, align_corners=False if antialias else None, antialias=antialias)
         return (pixels - self.mean.to(device)) / self.std.to(device)
+
+
+def set_input_normalization(module: nn.Module, datamodule: Any) -> None:
+    """Give every :class:`ImageAdapter` under ``module`` that lacks one the data module's
+    ``mean``/``std``."""
+    for adapter in module.modules():
+        if isinstance(adapter, ImageAdapter) and adapter.input_mean is None:
+            mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+            if mean is None or std is None:
+                raise ValueError(f"{type(datamodule).__name__} has no mean/std; set input_mean/input_std of the ImageAdapter")
+            adapter.set_input_normalization(mean, std)

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mmkd.core.checkpoint import load_state, load_state_dict_file
 from mmkd.core.classifier import TrainingModule
-from mmkd.models.adapter import ImageAdapter
+from mmkd.models.adapter import ImageAdapter, set_input_normalization
 
 # CLIP's "ensemble of 7" ImageNet prompts, as used by Tip-Adapter and DHO's ImageNet scripts.
 IMAGENET_TEMPLATES = (
@@ -184,17 +184,6 @@ class ZeroShotClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = F.normalize(self.visual(self.adapter(images)).float(), dim=-1)
         return self.logit_scale * features @ self.class_weights
-
-
-def set_input_normalization(module: nn.Module, datamodule: Any) -> None:
-    """Give every :class:`ImageAdapter` under ``module`` that lacks one the data module's
-    ``mean``/``std``."""
-    for adapter in module.modules():
-        if isinstance(adapter, ImageAdapter) and adapter.input_mean is None:
-            mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-            if mean is None or std is None:
-                raise ValueError(f"{type(datamodule).__name__} has no mean/std; set input_mean/input_std of the ImageAdapter")
-            adapter.set_input_normalization(mean, std)
 
 
 class CLIPTrainer(TrainingModule):
