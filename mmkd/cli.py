@@ -123,7 +123,10 @@ def inspect_main(argv: Sequence[str]) -> None:
         models = {"student": module.student if hasattr(module, "student") else module.model}
         if hasattr(module, "teacher"):
             models["teacher"] = module.teacher.model
-        size = args.input_size or list(getattr(cli.datamodule, "input_shape", [3, 224, 224]))
+        size = args.input_size or getattr(cli.datamodule, "input_shape", [3, 224, 224])
+        if isinstance(size, dict):  # several modalities: the student's own input
+            size, models = size[module.input_key], {"student": models["student"]}
+            print(f"(inspecting the student on '{module.input_key}' {list(size)}; the teachers take several inputs)")
     for title, model in models.items():
         print_inspection(title, inspect_modules(model, torch.zeros(1, *size)), max_depth=args.depth)
 
@@ -200,8 +203,12 @@ def export_main(argv: Sequence[str]) -> None:
     datamodule = cli.datamodule
     datamodule.prepare_data()
     datamodule.setup("validate")
-    batch = next(iter(datamodule.val_dataloader()))["image"][:8]
-    out = export_onnx(student, batch, args.out or f"{str(args.ckpt_path).rstrip('/')}.onnx", args.opset)
+    key = cli.model.input_key
+    if not isinstance(key, str):
+        print(f"mmkd: error: the student takes several inputs {key}; export takes single-input students", file=sys.stderr)
+        raise SystemExit(2)
+    batch = next(iter(datamodule.val_dataloader()))[key][:8]
+    out = export_onnx(student, batch, args.out or f"{str(args.ckpt_path).rstrip('/')}.onnx", args.opset, input_name=key)
     difference = onnx_max_difference(student, out, [batch, batch[:1]])
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB); onnxruntime vs PyTorch on a validation batch: max |diff| = {difference:.2e}")
     if difference > args.atol:

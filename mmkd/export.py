@@ -21,8 +21,8 @@ def student_from_checkpoint(model: nn.Module, checkpoint: str | Path) -> nn.Modu
 
 
 @torch.no_grad()
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 18) -> Path:
-    """Write ``model`` (in eval mode) to ONNX with a dynamic batch dimension: input ``image``,
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 18, input_name: str = "image") -> Path:
+    """Write ``model`` (in eval mode) to ONNX with a dynamic batch dimension: input ``input_name``,
     output ``output``, whatever the model's ``forward`` returns. What a model computes in
     ``forward`` is in the graph: DHO's head mix with its alpha and beta, G2SD's mean of the
     class and distillation heads. Written atomically."""
@@ -34,7 +34,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     for name in ("torch.onnx", "onnxscript"):  # the exporter narrates every pass at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     program = torch.onnx.export(
-        model, (example,), input_names=["image"], output_names=["output"], opset_version=opset,
+        model, (example,), input_names=[input_name], output_names=["output"], opset_version=opset,
         dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
     )  # fmt: skip
     program.save(str(tmp), external_data=False)
@@ -51,6 +51,6 @@ def onnx_max_difference(model: nn.Module, path: str | Path, inputs: Sequence[tor
     with torch.no_grad():
         for batch in inputs:
             expected = model.eval()(batch).float().numpy()
-            [actual] = session.run(None, {"image": batch.numpy()})
+            [actual] = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
             worst = max(worst, float(np.abs(actual - expected).max()))
     return worst

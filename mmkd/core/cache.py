@@ -199,8 +199,8 @@ def build_teacher_cache(
         batches = track(loader, description=f"teacher cache -> {out}", total=len(loader))
     try:
         for batch in batches:
-            images, rows = batch[distiller.input_key].to(device), batch["index"].cpu()
-            logits = teacher(distiller.teacher_input(images)).float()
+            rows = batch["index"].cpu()
+            logits = distiller.teacher_forward({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).float()
             meta["num_classes"] = logits.shape[1]
             if topk:
                 values, top, tail = _topk_with_tail(logits, min(topk, logits.shape[1]))

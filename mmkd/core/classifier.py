@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -28,6 +28,11 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, cosine: bool) 
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def input_keys(key: str | Sequence[str]) -> list[str]:
+    """A batch key or a list of them, as a list."""
+    return [key] if isinstance(key, str) else list(key)
 
 
 def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
@@ -198,7 +203,9 @@ class TrainingModule(L.LightningModule):
 class Classifier(TrainingModule):
     """Cross-entropy training of ``model`` with accuracy on val/test.
 
-    Batches are dicts with ``input_key`` (default ``"image"``) and ``label_key`` (``"label"``).
+    Batches are dicts with ``input_key`` (default ``"image"``) and ``label_key`` (``"label"``). A
+    list of input keys passes several modalities to the model, positionally in that order (a
+    fusion net's ``forward(image, audio)``).
     Logged: ``train/loss_ce``, ``train/loss``, ``val/acc``, ``val/loss``, ``test/acc``,
     ``test/loss``.
 
@@ -220,7 +227,7 @@ class Classifier(TrainingModule):
         num_classes: int = 10,
         label_smoothing: float = 0.0,
         mixup: dict[str, Any] | None = None,
-        input_key: str = "image",
+        input_key: str | list[str] = "image",
         label_key: str = "label",
         channels_last: bool = False,
         compile_model: bool = False,
@@ -241,11 +248,17 @@ class Classifier(TrainingModule):
 
             self.mixup = Mixup(**{"num_classes": num_classes, **mixup})
         self.input_key, self.label_key = input_key, label_key
+        if mixup and not isinstance(input_key, str):
+            raise ValueError("mixup mixes one input tensor; it cannot be used with several input keys")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(*inputs)
+
+    def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """The batch entries the model takes, in order."""
+        return tuple(batch[key] for key in input_keys(self.input_key))
 
     # -- training ------------------------------------------------------------------------------
     def ce_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -263,14 +276,18 @@ class Classifier(TrainingModule):
         return self.mixup(images, labels)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images, targets = self.mix(batch[self.input_key], batch[self.label_key])
-        return self.total_loss({"ce": self.ce_loss(self(images), targets)}, "train", len(targets))
+        if self.mixup is None:
+            inputs, targets = self.model_inputs(batch), batch[self.label_key]
+        else:
+            images, targets = self.mix(batch[self.input_key], batch[self.label_key])
+            inputs = (images,)
+        return self.total_loss({"ce": self.ce_loss(self(*inputs), targets)}, "train", len(targets))
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluation_logits(self, batch: dict, stage: str) -> torch.Tensor:
         """The logits that validation and test score (a model with several heads can log each
         head's metrics here from the same forward pass)."""
-        return self(batch[self.input_key])
+        return self(*self.model_inputs(batch))
 
     def _evaluate(self, batch: dict, metric: MulticlassAccuracy, stage: str) -> torch.Tensor:
         logits = self.evaluation_logits(batch, stage)
@@ -287,6 +304,6 @@ class Classifier(TrainingModule):
         self._evaluate(batch, self.test_acc, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = self(batch[self.input_key]).float().softmax(-1)
+        probs = self(*self.model_inputs(batch)).float().softmax(-1)
         return {"index": batch.get("index"), "probs": probs, "pred": probs.argmax(-1)}
 

@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmkd.core.cache import TeacherCache, TeacherCacheError
-from mmkd.core.classifier import Classifier, to_channels_last
+from mmkd.core.classifier import Classifier, input_keys, to_channels_last
 from mmkd.core.taps import FeatureTap
 from mmkd.core.teacher import Teacher, check_teacher, record_teacher
 from mmkd.heads import ShapeMismatchError, build_head
@@ -92,6 +92,9 @@ class Distiller(Classifier):
         teacher_cache: a folder built by ``mmkd cache`` (see :mod:`mmkd.core.cache`): training
             steps read the teacher's outputs from it instead of running the teacher; validation
             still runs the teacher. Checked against the teacher weights, data and transform.
+        teacher_input_key: batch entries the teacher takes instead of the student's input, e.g.
+            ``audio`` for a cross-modal teacher or ``[image, audio]`` for a fusion teacher; the
+            data module's ``input_shape`` is then a dict of shapes per entry.
         **kwargs: optimisation and data keys of :class:`~mmkd.core.classifier.Classifier`.
     """
 
@@ -105,6 +108,7 @@ class Distiller(Classifier):
         ce_weight: float = 1.0,
         input_size: list[int] | None = None,
         teacher_cache: str | None = None,
+        teacher_input_key: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model=student, **kwargs)
@@ -126,6 +130,7 @@ class Distiller(Classifier):
         self.teacher_val_result: float | None = None
         self.feature_shapes: dict[str, dict[str, list[int]]] | None = None
         self.teacher_cache = teacher_cache
+        self.teacher_input_key = teacher_input_key
         self._cache: TeacherCache | None = None
 
     @property
@@ -141,7 +146,8 @@ class Distiller(Classifier):
 
     def teacher_cache_fingerprint(self, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
         """What, besides the teacher's weights, must match for cached outputs to be valid."""
-        return {**data_fingerprint, "teacher_input": f"{type(self).teacher_input.__module__}.{type(self).teacher_input.__qualname__}"}
+        teacher_input = f"{type(self).teacher_input.__module__}.{type(self).teacher_input.__qualname__}"
+        return {**data_fingerprint, "teacher_input": teacher_input, "teacher_input_key": self.teacher_input_key}
 
     def open_teacher_cache(self) -> TeacherCache:
         datamodule = self.trainer.datamodule
@@ -153,25 +159,31 @@ class Distiller(Classifier):
         cache.verify(self.teacher.reference()["weights_sha256"], self.teacher_cache_fingerprint(data_fingerprint), needed)
         return cache
 
-    def example_input(self) -> torch.Tensor:
+    def example_batch(self) -> dict[str, torch.Tensor]:
+        """Two samples of zeros for every input the student and the teacher take."""
         size = self.input_size
         if size is None:
             datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
             size = getattr(datamodule, "input_shape", None)
         if size is None:
             raise ValueError("set input_size (e.g. [1, 28, 28]) or use a data module with an input_shape")
-        return torch.zeros(2, *size, device=next(self.model.parameters()).device)
+        keys = set(input_keys(self.input_key)) | set(input_keys(self.teacher_input_key or []))
+        shapes = size if isinstance(size, dict) else dict.fromkeys(keys, size)
+        if keys - shapes.keys():
+            raise ValueError(f"no input shape for {sorted(keys - shapes.keys())}: the shapes known are {shapes}")
+        device = next(self.model.parameters()).device
+        return {key: torch.zeros(2, *shapes[key], device=device) for key in keys}
 
     @torch.no_grad()
     def observe_shapes(self) -> dict[str, dict[str, list[int]]]:
         """One forward pass of student and teacher on a zero batch, in eval mode (so BatchNorm
         statistics are untouched), returning the shapes at every tapped source."""
-        x = self.example_input()
+        batch = self.example_batch()
         was_training = self.model.training
         self.model.eval()
         try:
-            student_features = {LOGITS: self.model(x), **self.student_tap.pop()}
-            teacher_features = {LOGITS: self.teacher(self.teacher_input(x)), **self.teacher_tap.pop()}
+            student_features = {LOGITS: self.model(*self.model_inputs(batch)), **self.student_tap.pop()}
+            teacher_features = {LOGITS: self.teacher_forward(batch), **self.teacher_tap.pop()}
         finally:
             self.model.train(was_training)
         return {
@@ -186,20 +198,28 @@ class Distiller(Classifier):
 
     # -- one training step ---------------------------------------------------------------------
     def teacher_input(self, student_input: torch.Tensor) -> torch.Tensor:
-        """What the teacher sees; methods with their own teacher resolution override this."""
+        """What the teacher sees of the student's input; methods with their own teacher
+        resolution override this."""
         return student_input
+
+    def teacher_forward(self, batch: dict) -> torch.Tensor:
+        """The teacher's output: on ``teacher_input_key``'s entries when set, else on
+        :meth:`teacher_input` of the student's input."""
+        if self.teacher_input_key is not None:
+            return self.teacher(*(batch[key] for key in input_keys(self.teacher_input_key)))
+        return self.teacher(self.teacher_input(batch[self.input_key]))
 
     def term_scale(self, name: str) -> float:
         """Schedule factor of a term (1 here; DKD's warm-up overrides it)."""
         return 1.0
 
     def distillation_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        images, labels = batch[self.input_key], batch[self.label_key]
-        student = {LOGITS: self.model(images), **self.student_tap.pop()}
+        labels = batch[self.label_key]
+        student = {LOGITS: self.model(*self.model_inputs(batch)), **self.student_tap.pop()}
         if self._cache is not None and self.training:
-            teacher = self._cache.lookup(batch["index"], images.device)
+            teacher = self._cache.lookup(batch["index"], labels.device)
         else:
-            teacher = {LOGITS: self.teacher(self.teacher_input(images)), **self.teacher_tap.pop()}
+            teacher = {LOGITS: self.teacher_forward(batch), **self.teacher_tap.pop()}
         losses = {"ce": self.ce_weight * self.ce_loss(student[LOGITS], labels)} if self.ce_weight else {}
         for name, term in self.terms.items():
             value = term(student[term.student_source], teacher[term.teacher_source], labels)
@@ -213,7 +233,7 @@ class Distiller(Classifier):
     def update_teacher_accuracy(self, batch: dict) -> None:
         """The teacher's validation accuracy is measured once, in the first validation epoch."""
         if self.teacher_val_result is None and not self.trainer.sanity_checking:
-            self.teacher_val_acc.update(self.teacher(self.teacher_input(batch[self.input_key])), batch[self.label_key])
+            self.teacher_val_acc.update(self.teacher_forward(batch), batch[self.label_key])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)

@@ -1,4 +1,5 @@
-"""Pieces shared by the data modules: data root, resumable shuffling, in-memory image datasets."""
+"""Pieces shared by the data modules: data root, resumable shuffling, in-memory datasets and the
+loaders over them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -198,3 +200,67 @@ class ImageTensorDataset(Dataset):
             flip = sample_randint(self.seed, epochs, indices, 2, 2).bool()
             images = torch.where(flip[:, None, None], images.flip(-1), images)
         return images
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Loaders for a data module whose splits are held in memory.
+
+    A subclass fills ``self.splits`` (``"train"``, ``"val"``, ``"test"``) in ``setup`` with
+    datasets whose ``__getitems__`` returns a collated dict batch. Training order and
+    augmentation keys come from an :class:`EpochShuffleSampler`; the position in the training
+    epoch goes into checkpoints, so a run resumes mid-epoch.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: batch size for val/test/predict (default: 2x ``batch_size``).
+        seed: seed of the training order (subclasses also use it for their splits).
+        num_workers: DataLoader workers (the data is in memory; 0 is usually fastest on CPU).
+    """
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.seed, self.num_workers = seed, num_workers
+        self.splits: dict[str, Dataset] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._train_position: dict | None = None
+
+    def _loader(self, split: str, batch_size: int, sampler: EpochShuffleSampler | None = None) -> DataLoader:
+        return (ResumableDataLoader if sampler is not None else DataLoader)(
+            self.splits[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=passthrough_collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            # Its own generator: creating an iterator would otherwise draw a worker seed from the
+            # global RNG, which a resumed run draws at another moment than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochShuffleSampler(len(self.splits["train"]), seed=self.seed)
+        self._train_loader = self._loader("train", self.batch_size, sampler)
+        if self._train_position is not None:
+            self._train_loader.load_state_dict(self._train_position)
+            self._train_position = None
+        return self._train_loader
+
+    # Lightning restores a data module before it builds the loaders, and a loader's own state
+    # only when the loaders are built after the loop state is restored; a scheduler that asks for
+    # ``estimated_stepping_batches`` builds them before. Keeping the position here covers both.
+    def state_dict(self) -> dict:
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_position = state.get("train_position")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)

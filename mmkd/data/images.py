@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, ResumableDataLoader, default_data_root, passthrough_collate
+from mmkd.data.common import ImageTensorDataset, InMemoryDataModule, default_data_root
 from mmkd.data.idx import read_idx
 
 FASHION_MNIST_CLASSES = (
@@ -27,7 +26,7 @@ def _find(root: Path, folders: tuple[str, ...], name: str) -> Path | None:
     return None
 
 
-class IDXImageDataModule(L.LightningDataModule):
+class IDXImageDataModule(InMemoryDataModule):
     """Base for 28x28 greyscale IDX datasets held in memory.
 
     Splits: ``val_size`` images held out from the training files (seeded), the official test
@@ -44,6 +43,7 @@ class IDXImageDataModule(L.LightningDataModule):
         download: let ``prepare_data`` download missing files with torchvision.
     """
 
+    splits: dict[str, ImageTensorDataset]
     num_classes = 10
     input_shape = (1, 28, 28)
     mean, std = 0.5, 0.5
@@ -68,15 +68,9 @@ class IDXImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         download: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, num_workers=num_workers)
         self.root = Path(root).expanduser() if root else default_data_root()
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or 2 * batch_size
-        self.val_size, self.seed, self.augment = val_size, seed, augment
-        self.num_workers, self.download = num_workers, download
-        self.splits: dict[str, ImageTensorDataset] = {}
-        self._train_loader: ResumableDataLoader | None = None
-        self._train_position: dict | None = None
+        self.val_size, self.augment, self.download = val_size, augment, download
 
     # -- locating and fetching files ------------------------------------------------------------
     def _paths(self) -> dict[str, Path] | None:
@@ -133,19 +127,6 @@ class IDXImageDataModule(L.LightningDataModule):
             "test": ImageTensorDataset(test_images, test_labels, **common),
         }  # fmt: skip
 
-    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
-        return (ResumableDataLoader if sampler is not None else DataLoader)(
-            self.splits[split],
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=passthrough_collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # Its own generator: creating an iterator would otherwise draw a worker seed from the
-            # global RNG, which a resumed run draws at another moment than an uninterrupted one.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
     def teacher_cache_loader(self, batch_size: int) -> tuple[DataLoader, dict]:
         """The training split in index order for a teacher-output cache, and its fingerprint
         (content, normalisation, transform). Refused with random augmentation (see mmkd.core.cache)."""
@@ -163,32 +144,6 @@ class IDXImageDataModule(L.LightningDataModule):
             "normalize": [train.mean, train.std], "augment": False,
         }  # fmt: skip
         return self._loader("train", batch_size), fingerprint
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.splits["train"]), seed=self.seed)
-        self._train_loader = self._loader("train", self.batch_size, sampler)
-        if self._train_position is not None:
-            self._train_loader.load_state_dict(self._train_position)
-            self._train_position = None
-        return self._train_loader
-
-    # Lightning restores a data module before it builds the loaders, and a loader's own state
-    # only when the loaders are built after the loop state is restored; a scheduler that asks for
-    # ``estimated_stepping_batches`` builds them before. Keeping the position here covers both.
-    def state_dict(self) -> dict:
-        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._train_position = state.get("train_position")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
 
 
 class FashionMNISTDataModule(IDXImageDataModule):

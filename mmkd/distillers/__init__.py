@@ -4,5 +4,6 @@ from mmkd.core import Distiller
 from mmkd.distillers.dho import DHO, DualHeadStudent, dual_head_clip_student
 from mmkd.distillers.g2sd import G2SDGeneric, G2SDSpecific
 from mmkd.distillers.kd import AT, DKD, KD, RKD, FitNets
+from mmkd.distillers.mst import MSTDistill
 
-__all__ = ["AT", "DHO", "DKD", "Distiller", "DualHeadStudent", "FitNets", "G2SDGeneric", "G2SDSpecific", "KD", "RKD", "dual_head_clip_student"]
+__all__ = ["AT", "DHO", "DKD", "Distiller", "DualHeadStudent", "FitNets", "G2SDGeneric", "G2SDSpecific", "KD", "MSTDistill", "RKD", "dual_head_clip_student"]
