@@ -8,7 +8,7 @@ ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
 export MMKD_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: install demo test test-fast bench-kd bench-kd-short bench-g2sd bench-dho bench-losses bench-train clean
+.PHONY: install demo test test-fast bench-kd bench-kd-short bench-g2sd bench-dho bench-mst bench-losses bench-train clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-g2sd: install  ## G2SD: MAE teacher, ViT alone, specific stage only, gener
 
 bench-dho: install  ## DHO: CLIP teacher, CE only, single-head KD, DHO fixed/searched mix; 1 % and 10 % labels, 2 seeds (~60 min) -> bench/dho_fmnist_*pct.json
 	$(PY) tools/bench_dho.py --seeds 0 1
+
+bench-mst: install  ## MST-Distill vs plain KD from each teacher on AV-MNIST, image and audio students, 2 seeds -> bench/mst_avmnist_*.json
+	$(PY) tools/bench_mst.py --seeds 0 1 --single-masks
 
 bench-losses: install  ## fused losses vs eager / torch.compile, CPU (and CUDA when there is one) -> bench/losses_*.json
 	$(PY) tools/bench_losses.py

@@ -51,6 +51,10 @@ def test_every_distiller_trains_under_ddp(teacher_in_place: Path) -> None:
     mmkd_fit("g2sd/specific.yaml", *DDP)
     random_clip_teacher()
     mmkd_fit("dho/fmnist.yaml", *DDP, "--model.init_args.mix=search")  # the search gathers both ranks' logits
+    # MST-Distill: each stage leaves some networks without gradients, so DDP must look for them
+    mst_ddp = [*DDP[:1], "--trainer.strategy=ddp_find_unused_parameters_true", *DDP[2:]]
+    mmkd_fit("mst/avmnist.yaml", *mst_ddp, "--model.init_args.stage_epochs=[1,1,1]", "--trainer.max_epochs=3")
+    assert Path("runs/mst/avmnist/mst_stage3.ckpt").is_file()
     for folder in ("kd", "runs/g2sd/generic", "runs/g2sd/specific", "runs/dho/fmnist"):
         checkpoint = torch.load(f"{folder}/last.ckpt", map_location="cpu", weights_only=True)
         assert checkpoint["global_step"] == 3 and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
@@ -58,22 +62,23 @@ def test_every_distiller_trains_under_ddp(teacher_in_place: Path) -> None:
 
 
 KILLED_RUNS = [
-    pytest.param("g2sd/vit_alone.yaml", [{"epoch": 0, "batches_yielded": 4}], id="vit"),
+    pytest.param("g2sd/vit_alone.yaml", [{"epoch": 0, "batches_yielded": 4}], [], id="vit"),
     # DHO: two loaders side by side, the labelled one on its first pass of the epoch (the key is
     # epoch * passes + pass) and the unlabelled one; the searched (alpha, beta) come back too
-    pytest.param("dho/fmnist.yaml", [{"epoch": 0, "batches_yielded": 4}] * 2, id="dho", marks=pytest.mark.slow),
+    pytest.param("dho/fmnist.yaml", [{"epoch": 0, "batches_yielded": 4}] * 2, ["--model.init_args.mix=search"], id="dho", marks=pytest.mark.slow),
+    # MST-Distill: killed in stage 1 (co-training), resumed through stage 2 (MaskNets, the best kept)
+    pytest.param("mst/avmnist.yaml", [{"epoch": 0, "batches_yielded": 4}], ["--model.init_args.stage_epochs=[1,1,0]"], id="mst", marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize(("config", "positions"), KILLED_RUNS)
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(data_root: Path, config: str, positions: list[dict]) -> None:
+@pytest.mark.parametrize(("config", "positions", "extra"), KILLED_RUNS)
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(data_root: Path, config: str, positions: list[dict], extra: list[str]) -> None:
     # 2 epochs of 6 steps, a checkpoint every 2 steps; the run is killed after step 5, so it
     # resumes from step 4, in the middle of the first epoch (mixup draws from numpy's RNG, whose
     # state comes back from the checkpoint too).
-    common = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=6", "--trainer.callbacks.init_args.every_n_train_steps=2"]
+    common = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=6", "--trainer.callbacks.init_args.every_n_train_steps=2", *extra]
     if config.startswith("dho"):
         random_clip_teacher()
-        common.append("--model.init_args.mix=search")
     mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=straight")
     kill = '--trainer.callbacks+={"class_path": "kill_callback.KillAtStep", "init_args": {"step": 5}}'
     mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", kill, returncode=-9)

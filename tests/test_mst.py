@@ -4,6 +4,7 @@ on the real AV-MNIST pairs (MNIST digits + FSDD spoken digits)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,75 @@ def test_stage_boundaries_and_argument_errors() -> None:
     with pytest.raises(ValueError, match="top_k=5"):
         MSTDistill(LeNet5(), AVFusionNet(), AudioCNN(), top_k=5)
     assert isinstance(Router(10, 4)(torch.randn(3, 10)), torch.Tensor)
+
+
+# -- the recipes on the real AV-MNIST pairs ----------------------------------------------------
+STAGES = ["--model.init_args.stage_epochs=[1,1,1]", "--trainer.max_epochs=3"]
+BASELINES = ["image_alone", "audio_alone", "fusion_teacher"]
+KD_BASELINES = ["kd_image_from_fusion", "kd_image_from_audio", "kd_audio_from_fusion", "kd_audio_from_image"]
+MST_RECIPES = {f"mst/{name}.yaml" for name in ["avmnist", "avmnist_audio", *BASELINES, *KD_BASELINES]}  # trained here
+
+
+def fit(config: str, *overrides: str):
+    from mmkd.cli import lightning_cli
+
+    from conftest import CONFIGS, SHORT
+
+    return lightning_cli(["fit", "-c", str(CONFIGS / "mst" / config), *SHORT, *overrides])
+
+
+@pytest.mark.slow
+def test_the_baselines_train_and_kd_reads_each_teachers_own_modalities(data_root: Path) -> None:
+    for name in BASELINES:
+        fit(f"{name}.yaml")
+    for name in KD_BASELINES:
+        cli = fit(f"{name}.yaml")
+        assert cli.trainer.callback_metrics["val/teacher_acc"] >= 0  # the teacher ran on its own inputs
+    fusion = torch.load("runs/mst/fusion_teacher/last.ckpt", weights_only=True)["state_dict"]
+    assert {key.split(".")[1] for key in fusion} == {"image", "audio", "fc1", "fc2"}
+
+
+@pytest.mark.slow
+def test_three_stages_in_one_run_then_stage_3_again_from_the_stage_2_checkpoint(data_root: Path) -> None:
+    cli = fit("avmnist.yaml", *STAGES)
+    metrics = cli.trainer.callback_metrics
+    for logged in ["train/loss_kd_student", "val/loss_masknet", "train/loss_lb", "train/w_kl", "val/acc", "val/acc_mm", "val/acc_cm"]:
+        assert logged in metrics, logged
+    assert metrics["train/w_kl"] == 1.0  # stage 3's first epoch: not yet decayed
+    runs = Path("runs/mst/avmnist")
+    stages = [torch.load(runs / f"mst_stage{n}.ckpt", weights_only=True) for n in (1, 2, 3)]
+    assert [s["mmkd"]["mst_completed_stage"] for s in stages] == [1, 2, 3]
+    assert [s["epoch"] for s in stages] == [0, 1, 2]
+    last = torch.load(runs / "last.ckpt", weights_only=True)  # written after the selected student was put back
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in stages[2]["state_dict"].items() if k.startswith("model."))
+
+    def changed(prefix: str, before: dict, after: dict) -> bool:
+        return any(not torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"] if k.startswith(prefix))
+
+    # stage 2 trains the MaskNets alone, stage 3 the student and the router alone
+    assert changed("masknets.", stages[0], stages[1]) and not changed("model.", stages[0], stages[1])
+    assert not changed("mm_teacher.", stages[0], stages[1]) and not changed("cm_teacher.", stages[1], stages[2])
+    assert changed("model.", stages[1], stages[2]) and not changed("masknets.", stages[1], stages[2])
+
+    # a new run of stage 3 alone, from the stage-2 checkpoint
+    again = fit("avmnist.yaml", "--model.init_args.stage_epochs=[1,1,1]", "--trainer.max_epochs=1", "--model.init_args.start_stage=3",
+                f"--model.init_args.init_from={runs}/mst_stage2.ckpt", "--trainer.callbacks.init_args.dirpath=again")  # fmt: skip
+    assert again.model.stage_epochs == [0, 0, 1] and Path("again/mst_stage3.ckpt").is_file()
+    restarted = torch.load("again/mst_stage3.ckpt", weights_only=True)
+    assert not changed("masknets.", stages[1], restarted) and changed("model.", stages[1], restarted)
+    with pytest.raises(ValueError, match="completed stage 1, but start_stage=3"):
+        fit("avmnist.yaml", "--model.init_args.start_stage=3", f"--model.init_args.init_from={runs}/mst_stage1.ckpt", "--trainer.max_epochs=null")
+
+
+@pytest.mark.slow
+def test_the_audio_student_recipe_runs_all_stages(data_root: Path) -> None:
+    cli = fit("avmnist_audio.yaml", *STAGES)
+    assert cli.model.mask_shapes == {"mm0": [148], "mm1": [74], "cm0": [120, 1, 1], "cm1": [84]}
+    assert [cli.model.masknets[name].reduce.__class__.__name__ for name in ("cm0", "cm1")] == ["Flatten", "Flatten"]
+    [result] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    assert {"test/acc", "test/acc_mm", "test/acc_cm"} <= set(result)
+
+
+def test_stage_epochs_and_max_epochs_must_agree(data_root: Path) -> None:
+    with pytest.raises(ValueError, match="trainer.max_epochs=1 but stage_epochs"):
+        fit("avmnist.yaml")  # SHORT sets max_epochs=1

@@ -56,6 +56,9 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
 
     cli = lightning_cli(["-c", args.config, *overrides], run=False)
+    input_shape = cli.datamodule.input_shape
+    if isinstance(input_shape, dict):  # several modalities: the student's
+        input_shape = input_shape[cli.model.input_key]
     model_config = cli.config.as_dict()["model"]["init_args"]
     architecture = portable(model_config.get("student") or model_config["model"])
     student = student_from_checkpoint(cli.model.model, args.ckpt)
@@ -71,7 +74,7 @@ def main() -> None:
     command = shlex.join(["mmkd", "test", "-c", args.config, "--ckpt_path", args.ckpt, *overrides])
     entry = {
         "name": args.name, "architecture_summary": args.summary, "architecture": architecture,
-        "input_shape": list(cli.datamodule.input_shape),
+        "input_shape": list(input_shape), "input_key": cli.model.input_key,
         "input_normalization": {"mean": getattr(cli.datamodule, "mean", None), "std": getattr(cli.datamodule, "std", None)},
         "distiller": args.distiller, "config": args.config, "teacher": args.teacher, "data": args.data,
         "metrics": {key: metrics[key] for key in sorted(metrics) if key.startswith("test/")} | {"command": command},

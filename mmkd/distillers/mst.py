@@ -40,6 +40,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -421,6 +422,12 @@ class MSTDistill(TrainingModule):
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
+            raise ValueError(
+                "MST-Distill leaves some networks without gradients in every stage (the MaskNets in stage 1, "
+                "the teachers in stages 2 and 3), which plain DDP refuses: use --trainer.strategy=ddp_find_unused_parameters_true"
+            )
         if self.mask_shapes is None:
             self.build_masknets(self.observe_mask_shapes())
         if stage == "fit" and self.init_from and self.trainer.ckpt_path is None and self.completed_stage < self.start_stage - 1:
@@ -471,18 +478,27 @@ class MSTDistill(TrainingModule):
         optimizer.step()
         return loss  # DDP finds the parameters this stage does not use from the graph of this loss
 
-    def on_train_epoch_end(self) -> None:
+    def last_epoch_of_stage(self) -> bool:
+        return self.stage_epoch == self.stage_epochs[self.stage - 1] - 1
+
+    def finish_stage(self) -> None:
+        """Put the selected MaskNets (stage 2) or student and router (stage 3) in place. Done at
+        the stage's last validation, so that the checkpoints written after it hold them."""
         stage = self.stage
-        if self.stage_epoch == self.stage_epochs[stage - 1] - 1:  # the stage's last epoch
-            if self.best.get("stage") == stage:
-                target = self.masknets if stage == 2 else self.model
-                target.load_state_dict(self.best["state"])
-                if stage == 3:
-                    self.router.load_state_dict(self.best["router"])
-            self.best = {}
-            self.completed_stage = stage
+        if self.completed_stage >= stage:
+            return
+        if self.best.get("stage") == stage:
+            (self.masknets if stage == 2 else self.model).load_state_dict(self.best["state"])
+            if stage == 3:
+                self.router.load_state_dict(self.best["router"])
+        self.best = {}
+        self.completed_stage = stage
+
+    def on_train_epoch_end(self) -> None:
+        if self.last_epoch_of_stage():
+            self.finish_stage()  # when no validation ran in this epoch
             folder = getattr(self.trainer.checkpoint_callback, "dirpath", None) or self.trainer.default_root_dir
-            self.trainer.save_checkpoint(str(Path(folder) / f"mst_stage{stage}.ckpt"))
+            self.trainer.save_checkpoint(str(Path(folder) / f"mst_stage{self.stage}.ckpt"))
 
     # -- evaluation ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -513,7 +529,7 @@ class MSTDistill(TrainingModule):
         self._evaluate(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
             return
         stage, val_ce = self.stage, float(self.val_ce.compute())
         self.val_ce.reset()
@@ -524,6 +540,8 @@ class MSTDistill(TrainingModule):
             self._keep_if_best(2, value, self.masknets)
         elif stage == 3:
             self._keep_if_best(3, val_ce, self.model)
+        if self.last_epoch_of_stage():
+            self.finish_stage()
 
     def _keep_if_best(self, stage: int, value: float, module: nn.Module) -> None:
         if not self.select_best or (self.best.get("stage") == stage and value >= self.best["value"]):
