@@ -21,11 +21,73 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 
 from benchlib import add_run_arguments, report, seeded_run, shared_overrides
 
 CONFIGS = "configs/mst"
 OTHER = {"image": "audio", "audio": "image"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fit-and-test of the benchmark; ``needs`` are the runs whose checkpoints it reads."""
+
+    name: str
+    config: str
+    seed: int
+    epochs: int | None
+    extra: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+
+
+def plan(args: argparse.Namespace, stage_epochs: list[int], epochs: int) -> dict[str, Run]:
+    """Every run of the benchmark, keyed ``seed{N}/{name}`` (also its folder in the work dir)."""
+    runs: dict[str, Run] = {}
+    mst_stages = "--model.init_args.stage_epochs=[{},{},{}]".format(*stage_epochs)
+    variants = {"mst": (), **({"mst_single_masks": ("--model.init_args.cumulative_masks=false",)} if args.single_masks else {})}
+    for seed in args.seeds:
+        for name in ("image_alone", "audio_alone", "fusion_teacher"):
+            runs[f"seed{seed}/{name}"] = Run(name, name, seed, epochs)
+        for student in args.students:
+            for label, teacher, teacher_config in (("kd_from_mm", "fusion_teacher", "fusion"), ("kd_from_cm", f"{OTHER[student]}_alone", OTHER[student])):
+                checkpoint = f"--model.init_args.teacher.init_args.checkpoint={args.workdir}/seed{seed}/{teacher}/last.ckpt"
+                runs[f"seed{seed}/{student}_{label}"] = Run(f"{student}_{label}", f"kd_{student}_from_{teacher_config}", seed, epochs, (checkpoint,), (f"seed{seed}/{teacher}",))
+            for label, extra in variants.items():
+                config = "avmnist" if student == "image" else "avmnist_audio"
+                runs[f"seed{seed}/{student}_{label}"] = Run(f"{student}_{label}", config, seed, None, (mst_stages, *extra))
+    return runs
+
+
+def execute(key: str, run: Run, args: argparse.Namespace) -> dict:
+    overrides = [*shared_overrides(args), f"--data.init_args.seed={run.seed}", *run.extra]
+    return seeded_run(run.name, f"{CONFIGS}/{run.config}.yaml", f"{args.workdir}/{key}", run.seed, run.epochs, overrides)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def execute_all(runs: dict[str, Run], args: argparse.Namespace) -> dict[str, dict]:
+    """All runs, ``--jobs`` at a time (each as soon as the runs it needs are done)."""
+    if args.jobs == 1:
+        return {key: execute(key, run, args) for key, run in sorted(runs.items(), key=lambda item: len(item[1].needs))}
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    results: dict[str, dict] = {}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), _worker_init, (threads,)) as pool:
+        pending, running = dict(runs), {}
+        while pending or running:
+            for key in [k for k, run in pending.items() if all(need in results for need in run.needs)]:
+                running[pool.submit(execute, key, pending.pop(key), args)] = key
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = future.result()
+    return results
 
 
 def main() -> None:
@@ -35,42 +97,30 @@ def main() -> None:
     parser.add_argument("--stage-epochs", nargs=3, type=int, default=None, help="MST's three stages (default: the config's)")
     parser.add_argument("--epochs", type=int, default=None, help="the baselines (default: stage 1 + stage 3 epochs)")
     parser.add_argument("--single-masks", action="store_true", help="also MST with one mask per specialised teacher")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (a many-core GPU machine)")
     args = parser.parse_args()
-    work, shared = args.workdir, shared_overrides(args)
     stage_epochs = args.stage_epochs or _config_stage_epochs()
     epochs = args.epochs or stage_epochs[0] + stage_epochs[2]
-    mst_overrides = ["--model.init_args.stage_epochs=[{},{},{}]".format(*stage_epochs)]
-
-    def run(name: str, config: str, seed: int, run_epochs: int | None, extra: list[str] = ()) -> dict:
-        overrides = [*shared, f"--data.init_args.seed={seed}", *extra]
-        return seeded_run(name, f"{CONFIGS}/{config}.yaml", f"{work}/seed{seed}/{name}", seed, run_epochs, overrides)
 
     started, load_before = time.time(), os.getloadavg()
-    results: dict[str, dict[str, list[dict]]] = {student: {} for student in args.students}
-    for seed in args.seeds:
-        alone = {modality: run(f"{modality}_alone", f"{modality}_alone", seed, epochs) for modality in ("image", "audio")}
-        mm_teacher = run("fusion_teacher", "fusion_teacher", seed, epochs)
-        for student in args.students:
-            rows = results[student]
-            rows.setdefault("teacher", []).append(mm_teacher)
-            rows.setdefault("crossmodal_teacher", []).append(alone[OTHER[student]])
-            rows.setdefault("student_alone", []).append(alone[student])
-            for label, teacher, config_teacher in (("kd_from_mm", "fusion_teacher", "fusion"), ("kd_from_cm", f"{OTHER[student]}_alone", OTHER[student])):
-                checkpoint = f"--model.init_args.teacher.init_args.checkpoint={work}/seed{seed}/{teacher}/last.ckpt"
-                rows.setdefault(label, []).append(run(f"{student}_{label}", f"kd_{student}_from_{config_teacher}", seed, epochs, [checkpoint]))
-            config = "avmnist" if student == "image" else "avmnist_audio"
-            variants = {"mst": [], **({"mst_single_masks": ["--model.init_args.cumulative_masks=false"]} if args.single_masks else {})}
-            for label, extra in variants.items():
-                result = run(f"{student}_{label}", config, seed, None, [*mst_overrides, *extra])
-                rows.setdefault(label, []).append(result)
-                if label == "mst":
-                    for base, same_network in (("mm", mm_teacher), ("cm", alone[OTHER[student]])):
-                        co_trained = {**result, "test/acc": result[f"test/acc_{base}"], "params": same_network["params"]}
-                        rows.setdefault(f"mst_teacher_{base}", []).append(co_trained)
-    for student, rows in results.items():
+    done = execute_all(plan(args, stage_epochs, epochs), args)
+    for student in args.students:
+        rows: dict[str, list[dict]] = {}
+        for seed in args.seeds:
+            run = {key.split("/")[1]: result for key, result in done.items() if key.startswith(f"seed{seed}/")}
+            rows.setdefault("teacher", []).append(run["fusion_teacher"])
+            rows.setdefault("crossmodal_teacher", []).append(run[f"{OTHER[student]}_alone"])
+            rows.setdefault("student_alone", []).append(run[f"{student}_alone"])
+            for label in ("kd_from_mm", "kd_from_cm", "mst", "mst_single_masks"):
+                if f"{student}_{label}" in run:
+                    rows.setdefault(label, []).append(run[f"{student}_{label}"])
+            mst = run[f"{student}_mst"]
+            for base, same_network in (("mm", run["fusion_teacher"]), ("cm", run[f"{OTHER[student]}_alone"])):
+                co_trained = {**mst, "test/acc": mst[f"test/acc_{base}"], "params": same_network["params"]}
+                rows.setdefault(f"mst_teacher_{base}", []).append(co_trained)
         report(f"MST-Distill on AV-MNIST, {student} student (test split; the MST student with the lowest val CE of stage 3)",
                rows, args.seeds, started, load_before, args.out.format(student=student), "student_alone",
-               stage_epochs=stage_epochs, baseline_epochs=epochs)  # fmt: skip
+               stage_epochs=stage_epochs, baseline_epochs=epochs, jobs=args.jobs)  # fmt: skip
 
 
 def _config_stage_epochs() -> list[int]:

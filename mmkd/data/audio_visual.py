@@ -153,9 +153,10 @@ class AVMNISTDataModule(InMemoryDataModule):
             train/val in the ratio ``split[0]:split[1]``); default: recordings split by ``split``.
         image_energy: fraction of the training images' variance kept by the PCA (AV-MNIST: 0.25).
         noise_snr_db: signal-to-noise ratio of the white noise added to each recording, relative
-            to that recording's RMS; None adds no noise. At the default 10 dB the audio network
-            alone reaches about the image network's accuracy (64 % and 64 % after 15 epochs of
-            configs/mst/{audio,image}_alone.yaml; 18 % at 0 dB, 76 % at 20 dB).
+            to that recording's RMS; None adds no noise. At the default 0 dB, after 15 epochs
+            (Adam 1e-3, batch 128), the audio network of configs/mst/ alone reaches 77 % test
+            accuracy, the image network 65 % and the fusion net 92 %; each modality alone is
+            not enough.
         duration: seconds of audio per sample (recordings are cropped or padded with zeros).
         n_mels / n_fft / hop_length: the log-mel spectrograms' bands, window and hop (samples); the
             defaults give 32x32 spectrograms of 1 s at FSDD's 8 kHz.
@@ -174,7 +175,7 @@ class AVMNISTDataModule(InMemoryDataModule):
         split: tuple[float, float, float] = (0.6, 0.2, 0.2),
         held_out_speakers: list[str] | None = None,
         image_energy: float = 0.25,
-        noise_snr_db: float | None = 10.0,
+        noise_snr_db: float | None = 0.0,
         duration: float = 1.0,
         n_mels: int = 32,
         n_fft: int = 512,

@@ -43,7 +43,7 @@ class LeNet5(nn.Module):
 
 
 class AudioCNN(nn.Module):
-    """Three conv layers (3x3, ReLU, 2x2 max-pool each) on a ``[1, n_mels, frames]`` log-mel
+    """Three conv layers (3x3 conv + BN, ReLU, 2x2 max-pool each) on a ``[1, n_mels, frames]`` log-mel
     spectrogram, global average pooling, and a linear classifier (``fc``).
 
     ``features`` returns the pooled ``channels[-1]``-d vector.
@@ -51,9 +51,12 @@ class AudioCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, int, int] = (16, 32, 64), in_channels: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels[0], 3, padding=1)
-        self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
-        self.conv3 = nn.Conv2d(channels[1], channels[2], 3, padding=1)
+        widths = (in_channels, *channels)
+        # conv + BN blocks (the official net has no BN): trained from scratch next to a fast image
+        # network, the plain convs stay on their initial plateau and a fusion net ignores them
+        self.conv1, self.conv2, self.conv3 = (
+            nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], 3, padding=1), nn.BatchNorm2d(widths[i + 1])) for i in range(3)
+        )
         self.feature_dim = channels[2]
         self.fc = nn.Linear(channels[2], num_classes)
 
