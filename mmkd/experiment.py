@@ -18,19 +18,19 @@ def _summarise(cli, test_metrics: dict) -> dict[str, float]:
 
 def fit_and_test(config: str, overrides: Sequence[str] = (), test: bool = True) -> dict[str, float]:
     """Fit ``config`` (with CLI-style ``--key=value`` overrides), test the final weights, and
-    return the test metrics plus the last ``val/acc``, the teacher's ``val/teacher_acc`` when there is a
-    teacher, the student's parameter count and the wall time of the fit. With ``test=False``
-    (pre-training, G2SD's generic stage) it returns the last logged ``val/*`` values instead."""
+    return the test metrics, the last logged ``val/*`` values (``val/acc``, ...; the teacher's
+    ``val/teacher_acc`` when there is a teacher), the student's parameter count and the wall time
+    of the fit. With ``test=False`` (pre-training, G2SD's generic stage) there is no test."""
     cli = lightning_cli(["-c", config, *overrides], run=False)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
+    # read before test(), which resets callback_metrics
+    validation = {key: float(value) for key, value in cli.trainer.callback_metrics.items() if key.startswith("val/")}
     if not test:
-        logged = {key: float(value) for key, value in cli.trainer.callback_metrics.items() if key.startswith("val/")}
-        return {**logged, "fit_seconds": fit_seconds}
-    val_acc = float(cli.trainer.callback_metrics["val/acc"])  # test() resets callback_metrics
+        return {**validation, "fit_seconds": fit_seconds}
     [test_metrics] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    return {**_summarise(cli, test_metrics), "val/acc": val_acc, "fit_seconds": fit_seconds}
+    return {**validation, **_summarise(cli, test_metrics), "fit_seconds": fit_seconds}
 
 
 def evaluate_checkpoint(config: str, ckpt_path: str, overrides: Sequence[str] = ()) -> dict[str, float]:

@@ -15,7 +15,10 @@ import torch
 from mmkd.cli import lightning_cli, main
 from mmkd.core import load_state_dict_file
 
-from conftest import CONFIGS, SHORT  # noqa: E402
+from conftest import CONFIGS, DATA_ROOT, REPO, SHORT  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tools"))
+import compose_detection  # noqa: E402
 
 MMKD = str(Path(sys.executable).parent / "mmkd")
 DDP = ["--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2"]
@@ -55,6 +58,10 @@ def test_every_distiller_trains_under_ddp(teacher_in_place: Path) -> None:
     mst_ddp = [*DDP[:1], "--trainer.strategy=ddp_find_unused_parameters_true", *DDP[2:]]
     mmkd_fit("mst/avmnist.yaml", *mst_ddp, "--model.init_args.stage_epochs=[1,1,1]", "--trainer.max_epochs=3")
     assert Path("runs/mst/avmnist/mst_stage3.ckpt").is_file()
+    # D-FINE on a few composed scenes (the criterion averages its box counts over the processes)
+    compose_detection.compose(Path("runs/data/fmnist-det"), DATA_ROOT / "fashion-mnist", {"train": 16, "val": 4, "test": 4})
+    mmkd_fit("dfine/fmnist_det.yaml", *DDP, "--data.init_args.batch_size=4", "--model.init_args.model.init_args.backbone=resnet10t")
+    assert Path("runs/dfine/fmnist/last.ckpt").is_file()
     for folder in ("kd", "runs/g2sd/generic", "runs/g2sd/specific", "runs/dho/fmnist"):
         checkpoint = torch.load(f"{folder}/last.ckpt", map_location="cpu", weights_only=True)
         assert checkpoint["global_step"] == 3 and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])

@@ -21,24 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
 
-from benchlib import add_run_arguments, report, seeded_run, shared_overrides
+from benchlib import Run, add_run_arguments, execute_all, report, seeded_run, shared_overrides
 
 CONFIGS = "configs/mst"
 OTHER = {"image": "audio", "audio": "image"}
-
-
-@dataclass(frozen=True)
-class Run:
-    """One fit-and-test of the benchmark; ``needs`` are the runs whose checkpoints it reads."""
-
-    name: str
-    config: str
-    seed: int
-    epochs: int | None
-    extra: tuple[str, ...] = ()
-    needs: tuple[str, ...] = ()
 
 
 def plan(args: argparse.Namespace, stage_epochs: list[int], epochs: int) -> dict[str, Run]:
@@ -64,30 +51,6 @@ def execute(key: str, run: Run, args: argparse.Namespace) -> dict:
     return seeded_run(run.name, f"{CONFIGS}/{run.config}.yaml", f"{args.workdir}/{key}", run.seed, run.epochs, overrides)
 
 
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def execute_all(runs: dict[str, Run], args: argparse.Namespace) -> dict[str, dict]:
-    """All runs, ``--jobs`` at a time (each as soon as the runs it needs are done)."""
-    if args.jobs == 1:
-        return {key: execute(key, run, args) for key, run in sorted(runs.items(), key=lambda item: len(item[1].needs))}
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    results: dict[str, dict] = {}
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), _worker_init, (threads,)) as pool:
-        pending, running = dict(runs), {}
-        while pending or running:
-            for key in [k for k, run in pending.items() if all(need in results for need in run.needs)]:
-                running[pool.submit(execute, key, pending.pop(key), args)] = key
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                results[running.pop(future)] = future.result()
-    return results
 
 
 def main() -> None:
@@ -97,13 +60,12 @@ def main() -> None:
     parser.add_argument("--stage-epochs", nargs=3, type=int, default=None, help="MST's three stages (default: the config's)")
     parser.add_argument("--epochs", type=int, default=None, help="the baselines (default: stage 1 + stage 3 epochs)")
     parser.add_argument("--single-masks", action="store_true", help="also MST with one mask per specialised teacher")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (a many-core GPU machine)")
     args = parser.parse_args()
     stage_epochs = args.stage_epochs or _config_stage_epochs()
     epochs = args.epochs or stage_epochs[0] + stage_epochs[2]
 
     started, load_before = time.time(), os.getloadavg()
-    done = execute_all(plan(args, stage_epochs, epochs), args)
+    done = execute_all(plan(args, stage_epochs, epochs), execute, args)
     for student in args.students:
         rows: dict[str, list[dict]] = {}
         for seed in args.seeds:

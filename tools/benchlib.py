@@ -9,7 +9,9 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -50,6 +52,43 @@ def run_once(config: str, run_dir: str, overrides: list[str], reuse: bool, epoch
     return result
 
 
+@dataclass(frozen=True)
+class Run:
+    """One fit-and-test of a benchmark; ``needs`` are the runs whose checkpoints it reads."""
+
+    name: str
+    config: str
+    seed: int
+    epochs: int | None
+    extra: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def execute_all(runs: dict[str, Run], execute: Callable[[str, Run, object], dict], args) -> dict[str, dict]:
+    """``execute(key, run, args)`` for every run, ``args.jobs`` at a time in separate processes
+    (each run as soon as the runs it needs are done), or one after the other with ``jobs=1``."""
+    if args.jobs == 1:
+        return {key: execute(key, run, args) for key, run in sorted(runs.items(), key=lambda item: len(item[1].needs))}
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    results: dict[str, dict] = {}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), _worker_init, (threads,)) as pool:
+        pending, running = dict(runs), {}
+        while pending or running:
+            for key in [k for k, run in pending.items() if all(need in results for need in run.needs)]:
+                running[pool.submit(execute, key, pending.pop(key), args)] = key
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = future.result()
+    return results
+
+
 def add_run_arguments(parser, out: str, workdir: str) -> None:
     """The options every fit-and-test benchmark takes."""
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -57,6 +96,7 @@ def add_run_arguments(parser, out: str, workdir: str) -> None:
     parser.add_argument("--override", action="append", default=[], help="extra CLI override for every run, e.g. --override=--trainer.limit_train_batches=5")
     parser.add_argument("--out", default=out)
     parser.add_argument("--workdir", default=workdir)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (a many-core GPU machine)")
 
 
 def shared_overrides(args) -> list[str]:
@@ -69,7 +109,9 @@ def shared_overrides(args) -> list[str]:
 
 def seeded_run(label: str, config: str, run_dir: str, seed: int, epochs: int | None, overrides: list[str], test: bool = True) -> dict:
     """:func:`run_once` of ``config`` with the seed, the checkpoint folder and the epochs set."""
-    overrides = [*overrides, f"--seed_everything={seed}", f"--trainer.callbacks.init_args.dirpath={run_dir}"]
+    # logs in the run's own folder: runs in parallel (--jobs) must not share a CSV logger version
+    overrides = [*overrides, f"--seed_everything={seed}", f"--trainer.callbacks.init_args.dirpath={run_dir}",
+                 f"--trainer.logger.init_args.save_dir={run_dir}/logs"]  # fmt: skip
     if epochs:
         overrides.append(f"--trainer.max_epochs={epochs}")
     print(f"[seed {seed}] {label}", flush=True)
