@@ -209,8 +209,9 @@ class HungarianMatcher(nn.Module):
 
     ``C = cost_bbox * L1(cxcywh) + cost_class * focal_cost + cost_giou * (-GIoU)`` with the focal class cost
     ``alpha (1-p)^gamma (-log(p + 1e-8)) - (1-alpha) p^gamma (-log(1 - p + 1e-8))`` at each GT's class, ``p`` the
-    sigmoid probability. ``nan_to_num(C, nan=1.0)``, then ``scipy.optimize.linear_sum_assignment`` on CPU. The
-    official code builds one cost matrix for the whole batch and splits it by image; solving per image is the same.
+    sigmoid probability. ``nan_to_num(C, nan=1.0)``, then ``scipy.optimize.linear_sum_assignment`` on CPU per image.
+    As in the official code, one cost matrix is built for the whole batch (all queries against all targets) and
+    moved to the CPU once, then split by image: a loop of small per-image matrices costs a device sync each.
     """
 
     def __init__(
@@ -226,7 +227,7 @@ class HungarianMatcher(nn.Module):
         self.alpha, self.gamma = alpha, gamma
 
     def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, target: Target) -> torch.Tensor:
-        """``[Q, n]`` cost of one image: ``logits [Q, C]``, ``boxes [Q, 4]`` cxcywh, a target with ``n`` boxes."""
+        """``[Q, n]`` cost of ``Q`` predictions (``logits [Q, C]``, ``boxes [Q, 4]`` cxcywh) against ``n`` targets."""
         prob = logits.float().sigmoid()[:, target["labels"]]
         pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
         neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
@@ -239,13 +240,19 @@ class HungarianMatcher(nn.Module):
     def forward(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[Target]) -> Indices:
         """``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]`` -> per image ``(query_idx, gt_idx)`` (CPU LongTensors,
         sorted by query); an image without GT gives two empty tensors."""
+        sizes = [len(target["labels"]) for target in targets]
+        if sum(sizes) == 0:
+            return [_empty_match() for _ in targets]
+        every_target = {key: torch.cat([target[key] for target in targets]) for key in ("labels", "boxes")}
+        batch, queries = pred_logits.shape[:2]
+        cost = self.cost_matrix(pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), every_target)
+        cost = torch.nan_to_num(cost.view(batch, queries, -1).cpu(), nan=1.0)
         indices = []
-        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
-            if len(target["labels"]) == 0:
+        for image, image_cost in enumerate(cost.split(sizes, dim=-1)):
+            if sizes[image] == 0:
                 indices.append(_empty_match())
                 continue
-            cost = torch.nan_to_num(self.cost_matrix(logits, boxes, target).cpu(), nan=1.0)
-            query_idx, gt_idx = linear_sum_assignment(cost.numpy())
+            query_idx, gt_idx = linear_sum_assignment(image_cost[image].numpy())
             indices.append((torch.as_tensor(query_idx, dtype=torch.long), torch.as_tensor(gt_idx, dtype=torch.long)))
         return indices
 
