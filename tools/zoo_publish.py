@@ -61,6 +61,9 @@ def main() -> None:
         input_shape = input_shape[cli.model.input_key]
     model_config = cli.config.as_dict()["model"]["init_args"]
     architecture = portable(model_config.get("student") or model_config["model"])
+    # the data module that measured the metrics, without local paths (the zoo test rebuilds it)
+    evaluation_data = portable(cli.config.as_dict()["data"])
+    evaluation_data.get("init_args", {}).pop("root", None)
     student = student_from_checkpoint(cli.model.model, args.ckpt)
     state = {key: value.detach().contiguous() for key, value in student.state_dict().items()}
     rebuilt = zoo.build(architecture)
@@ -74,7 +77,7 @@ def main() -> None:
     command = shlex.join(["mmkd", "test", "-c", args.config, "--ckpt_path", args.ckpt, *overrides])
     entry = {
         "name": args.name, "architecture_summary": args.summary, "architecture": architecture,
-        "input_shape": list(input_shape), "input_key": cli.model.input_key,
+        "input_shape": list(input_shape), "input_key": cli.model.input_key, "evaluation_data": evaluation_data,
         "input_normalization": {"mean": getattr(cli.datamodule, "mean", None), "std": getattr(cli.datamodule, "std", None)},
         "distiller": args.distiller, "config": args.config, "teacher": args.teacher, "data": args.data,
         "metrics": {key: metrics[key] for key in sorted(metrics) if key.startswith("test/")} | {"command": command},
