@@ -218,6 +218,14 @@ def test_the_audio_student_recipe_runs_all_stages(data_root: Path) -> None:
     assert [cli.model.masknets[name].reduce.__class__.__name__ for name in ("cm0", "cm1")] == ["Flatten", "Flatten"]
     [result] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert {"test/acc", "test/acc_mm", "test/acc_cm"} <= set(result)
+    # the student alone goes to ONNX, its input named after its modality
+    import onnxruntime
+
+    from conftest import CONFIGS
+    from mmkd.cli import main
+
+    main(["export", "-c", str(CONFIGS / "mst/avmnist_audio.yaml"), "--ckpt_path", "runs/mst/avmnist_audio/mst_stage3.ckpt", "--out", "audio.onnx"])
+    assert [i.name for i in onnxruntime.InferenceSession("audio.onnx").get_inputs()] == ["audio"]
 
 
 def test_stage_epochs_and_max_epochs_must_agree(data_root: Path) -> None:
