@@ -15,9 +15,11 @@ from mmkd.losses.detection import (
     box_iou_and_giou,
     box_losses,
     box_xyxy_to_cxcywh,
+    concat_targets,
     ddf_loss,
     distance2bbox,
     fgl_loss,
+    flatten_match,
     integral,
     inverse_sigmoid,
     sqrt_count_mix,
@@ -211,6 +213,22 @@ def test_union_matching_most_frequent_gt_and_pre_enc_count() -> None:
     # without pre and enc, q0 has one vote each: the tie goes to the lowest GT index
     (query_idx, gt_idx), _ = union_matching([final, aux0])
     assert query_idx.tolist() == [0, 1, 2] and gt_idx.tolist() == [0, 1, 0]
+
+
+def test_flatten_match_indices_and_gathered_targets() -> None:
+    gts = [target([2], [[0.1, 0.2, 0.3, 0.4]]), target([], []), target([0, 1], [[0.5] * 4, [0.6, 0.7, 0.2, 0.1]])]
+    indices = [pairs([4], [0]), pairs([], []), pairs([1, 3], [1, 0])]
+    match = flatten_match(indices, gts, torch.device("cpu"))
+    assert match.batch_idx.tolist() == [0, 2, 2] and match.query_idx.tolist() == [4, 1, 3]
+    assert match.labels.tolist() == [2, 1, 0]
+    assert torch.equal(match.boxes, torch.stack([gts[0]["boxes"][0], gts[2]["boxes"][1], gts[2]["boxes"][0]]))
+    assert flatten_match(match, gts, torch.device("cpu")) is match
+    # the losses take a flattened matching (and concatenated targets) as well as per-image indices
+    boxes = torch.rand(3, 5, 4) * 0.5 + 0.25
+    flat_targets = concat_targets(gts, torch.device("cpu"))
+    assert flat_targets.offsets.tolist() == [0, 1, 1]
+    for got, expected in zip(box_losses(boxes, flat_targets, match, 3.0), box_losses(boxes, gts, indices, 3.0)):
+        assert got.item() == expected.item()
 
 
 # --- losses -----------------------------------------------------------------------------------------------------

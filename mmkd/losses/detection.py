@@ -10,7 +10,8 @@ Conventions (shared with the data and the detector):
 - Boxes are normalised to [0, 1]; predictions and targets are ``cxcywh`` unless a name says ``xyxy``.
 - Classes are contiguous 0-based indices with no background class (sigmoid / focal style).
 - A target is ``{"labels": LongTensor [n], "boxes": FloatTensor [n, 4] cxcywh, ...}``; ``n`` may be 0.
-- Matching indices are, per image, a pair ``(query_idx, gt_idx)`` of LongTensors (on CPU).
+- Matching indices are, per image, a pair ``(query_idx, gt_idx)`` of LongTensors (on CPU). The losses take them as
+  they are or already flattened over the batch (:func:`flatten_match`), which the criterion does once per matching.
 - Edge distributions ``pred_corners`` are ``[..., 4 * (reg_max + 1)]`` logits, edges in order left, top, right,
   bottom. Distances ``W_code``, the integral and the FGL targets are in "reg_scale units" (as the official code):
   a distance ``d`` moves an edge by ``d * w / reg_scale``.
@@ -31,8 +32,8 @@ Deviations from the official code (values are otherwise the same):
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -282,23 +283,58 @@ def union_matching(indices_list: list[Indices]) -> Indices:
     return union
 
 
-def _query_index(indices: Indices, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch_idx, query_idx) of all matched queries, for ``tensor[batch_idx, query_idx]``."""
-    batch_idx = torch.cat([torch.full_like(query_idx, b) for b, (query_idx, _) in enumerate(indices)])
+class BatchTargets(NamedTuple):
+    """The targets of a batch concatenated over images: ``labels [N]``, ``boxes [N, 4]`` (cxcywh, fp32) on the device,
+    and ``offsets [B]`` (CPU), the position of each image's first target."""
+
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    offsets: torch.Tensor
+
+
+def concat_targets(targets: list[Target], device: torch.device) -> BatchTargets:
+    """:class:`BatchTargets` of one target dict per image."""
+    sizes = torch.tensor([len(target["labels"]) for target in targets], dtype=torch.long)
+    labels = torch.cat([target["labels"] for target in targets]).to(device)
+    boxes = torch.cat([target["boxes"] for target in targets]).to(device, torch.float32)
+    return BatchTargets(labels, boxes, sizes.cumsum(0) - sizes)
+
+
+class FlatMatch(NamedTuple):
+    """A matching flattened over the batch, on the device: the ``K`` matched predictions are
+    ``pred[batch_idx, query_idx]`` and their GT ``labels [K]`` and ``boxes [K, 4]`` (cxcywh, fp32)."""
+
+    batch_idx: torch.Tensor
+    query_idx: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+
+
+def flatten_match(
+    indices: Indices | FlatMatch, targets: list[Target] | BatchTargets, device: torch.device
+) -> FlatMatch:
+    """Per-image ``(query_idx, gt_idx)`` (CPU) -> :class:`FlatMatch`, in image order; a ``FlatMatch`` is returned as is.
+
+    The flat indices are built on the CPU and moved to ``device`` in one copy; the GTs are gathered in one index op
+    each from the concatenated targets. ``targets`` may be given already concatenated (:func:`concat_targets`).
+    """
+    if isinstance(indices, FlatMatch):
+        return indices
+    if not isinstance(targets, BatchTargets):
+        targets = concat_targets(targets, device)
+    sizes = torch.tensor([len(query_idx) for query_idx, _ in indices], dtype=torch.long)
+    batch_idx = torch.repeat_interleave(sizes)
     query_idx = torch.cat([query_idx for query_idx, _ in indices])
-    return batch_idx.to(device), query_idx.to(device)
+    target_idx = torch.cat([gt_idx for _, gt_idx in indices]) + torch.repeat_interleave(targets.offsets, sizes)
+    flat = torch.stack([batch_idx, query_idx, target_idx]).to(device, non_blocking=True)
+    batch_idx, query_idx, target_idx = flat.unbind(0)
+    return FlatMatch(batch_idx, query_idx, targets.labels[target_idx], targets.boxes[target_idx])
 
 
-def _matched_targets(targets: list[Target], indices: Indices, key: str) -> torch.Tensor:
-    """``targets[b][key][gt_idx]`` of all matched pairs, in the order of :func:`_query_index`."""
-    return torch.cat([target[key][gt_idx.to(target[key].device)] for target, (_, gt_idx) in zip(targets, indices)])
-
-
-def _matched_iou(pred_boxes: torch.Tensor, targets: list[Target], indices: Indices) -> torch.Tensor:
+def _matched_iou(pred_boxes: torch.Tensor, match: FlatMatch) -> torch.Tensor:
     """Detached IoU ``[K]`` of each matched prediction (cxcywh) with its GT."""
-    batch_idx, query_idx = _query_index(indices, pred_boxes.device)
-    src = box_cxcywh_to_xyxy(pred_boxes[batch_idx, query_idx].detach().float())
-    iou, _ = box_iou_and_giou(src, box_cxcywh_to_xyxy(_matched_targets(targets, indices, "boxes").float()))
+    src = box_cxcywh_to_xyxy(pred_boxes[match.batch_idx, match.query_idx].detach().float())
+    iou, _ = box_iou_and_giou(src, box_cxcywh_to_xyxy(match.boxes))
     return iou
 
 
@@ -310,8 +346,8 @@ def _matched_iou(pred_boxes: torch.Tensor, targets: list[Target], indices: Indic
 def varifocal_loss(
     pred_logits: torch.Tensor,
     pred_boxes: torch.Tensor,
-    targets: list[Target],
-    indices: Indices,
+    targets: list[Target] | BatchTargets,
+    indices: Indices | FlatMatch,
     num_boxes: float,
     alpha: float = 0.75,
     gamma: float = 2.0,
@@ -322,33 +358,32 @@ def varifocal_loss(
     ``alpha * sigmoid(x)^gamma`` (detached) on every non-GT entry and the target score on the GT entry.
     """
     logits = pred_logits.float()
-    batch_idx, query_idx = _query_index(indices, logits.device)
-    labels = _matched_targets(targets, indices, "labels").to(logits.device)
+    match = flatten_match(indices, targets, logits.device)
+    where = (match.batch_idx, match.query_idx, match.labels)
     one_hot = torch.zeros_like(logits)
-    one_hot[batch_idx, query_idx, labels] = 1.0
+    one_hot[where] = 1.0
     score = torch.zeros_like(logits)
-    score[batch_idx, query_idx, labels] = _matched_iou(pred_boxes, targets, indices).to(logits)
+    score[where] = _matched_iou(pred_boxes, match)
     weight = alpha * logits.detach().sigmoid().pow(gamma) * (1 - one_hot) + score
     loss = F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="none")
     return loss.mean(1).sum() * logits.shape[1] / num_boxes
 
 
 def box_losses(
-    pred_boxes: torch.Tensor, targets: list[Target], indices: Indices, num_boxes: float
+    pred_boxes: torch.Tensor, targets: list[Target] | BatchTargets, indices: Indices | FlatMatch, num_boxes: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L1, 1 - GIoU)`` of the matched boxes (cxcywh), each summed and divided by ``num_boxes`` (§A3.4)."""
-    batch_idx, query_idx = _query_index(indices, pred_boxes.device)
-    src = pred_boxes[batch_idx, query_idx].float()
-    gt = _matched_targets(targets, indices, "boxes").float()
-    l1 = F.l1_loss(src, gt, reduction="none").sum() / num_boxes
-    _, giou = box_iou_and_giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(gt))
+    match = flatten_match(indices, targets, pred_boxes.device)
+    src = pred_boxes[match.batch_idx, match.query_idx].float()
+    l1 = F.l1_loss(src, match.boxes, reduction="none").sum() / num_boxes
+    _, giou = box_iou_and_giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(match.boxes))
     return l1, (1 - giou).sum() / num_boxes
 
 
 def fgl_target_bins(
     ref_points: torch.Tensor,
-    targets: list[Target],
-    indices: Indices,
+    targets: list[Target] | BatchTargets,
+    indices: Indices | FlatMatch,
     reg_max: int,
     reg_scale: float | torch.Tensor,
     up: float | torch.Tensor,
@@ -358,9 +393,9 @@ def fgl_target_bins(
     Returns ``(target_bins, weight_right, weight_left)``, each ``[K, 4]``, in the order of ``indices``. Since every
     decoder layer refines the same reference box, one call serves all layers that share ``indices`` (§A3.5).
     """
-    batch_idx, query_idx = _query_index(indices, ref_points.device)
-    gt = box_cxcywh_to_xyxy(_matched_targets(targets, indices, "boxes").float())
-    return bbox2distance(ref_points[batch_idx, query_idx].detach(), gt, reg_max, reg_scale, up)
+    match = flatten_match(indices, targets, ref_points.device)
+    ref = ref_points[match.batch_idx, match.query_idx].detach()
+    return bbox2distance(ref, box_cxcywh_to_xyxy(match.boxes), reg_max, reg_scale, up)
 
 
 def two_bin_cross_entropy(
@@ -382,8 +417,8 @@ def fgl_loss(
     pred_corners: torch.Tensor,
     ref_points: torch.Tensor,
     pred_boxes: torch.Tensor,
-    targets: list[Target],
-    indices: Indices,
+    targets: list[Target] | BatchTargets,
+    indices: Indices | FlatMatch,
     num_boxes: float,
     reg_max: int = 32,
     reg_scale: float | torch.Tensor = 4.0,
@@ -397,23 +432,27 @@ def fgl_loss(
     :func:`fgl_target_bins` of the shared reference box ``ref_points [B, Q, 4]``. ``cached_targets`` (that
     function's result for the same ``indices``) skips recomputing them, so that all layers share one set.
     """
-    batch_idx, query_idx = _query_index(indices, pred_corners.device)
-    corners = pred_corners[batch_idx, query_idx].float().reshape(-1, 4, reg_max + 1)
+    match = flatten_match(indices, targets, pred_corners.device)
+    corners = pred_corners[match.batch_idx, match.query_idx].float().reshape(-1, 4, reg_max + 1)
     if cached_targets is None:
-        cached_targets = fgl_target_bins(ref_points, targets, indices, reg_max, reg_scale, up)
+        cached_targets = fgl_target_bins(ref_points, targets, match, reg_max, reg_scale, up)
     ce = two_bin_cross_entropy(corners, *cached_targets)
-    iou = _matched_iou(pred_boxes, targets, indices)
+    iou = _matched_iou(pred_boxes, match)
     return (ce * iou.unsqueeze(-1)).sum() / num_boxes
 
 
 def sqrt_count_mix(
-    mean_matched: torch.Tensor, mean_unmatched: torch.Tensor, count_matched: float, count_unmatched: float
+    mean_matched: torch.Tensor,
+    mean_unmatched: torch.Tensor,
+    count_matched: float | torch.Tensor,
+    count_unmatched: float | torch.Tensor,
 ) -> torch.Tensor:
     """``(mean_m * sqrt(K_m) + mean_u * sqrt(K_u)) / (sqrt(K_m) + sqrt(K_u))``, the DDF group mixing (§A3.6).
 
     Invariant to a common factor on both counts; this is why the official ``batch_scale = 8 / B`` is left out.
+    The counts may be numbers or (float) tensors.
     """
-    root_m, root_u = math.sqrt(count_matched), math.sqrt(count_unmatched)
+    root_m, root_u = count_matched**0.5, count_unmatched**0.5
     return (mean_matched * root_m + mean_unmatched * root_u) / (root_m + root_u)
 
 
@@ -422,8 +461,8 @@ def ddf_loss(
     teacher_corners: torch.Tensor,
     teacher_logits: torch.Tensor,
     pred_boxes: torch.Tensor,
-    targets: list[Target],
-    indices: Indices,
+    targets: list[Target] | BatchTargets,
+    indices: Indices | FlatMatch,
     temperature: float = 5.0,
 ) -> torch.Tensor:
     """Decoupled distillation focal loss of GO-LSD (§A3.6), over all B x Q x 4 edge distributions.
@@ -443,19 +482,20 @@ def ddf_loss(
         F.log_softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1), reduction="none"
     ).sum(-1) * temperature**2
 
-    batch_idx, query_idx = _query_index(indices, pred_corners.device)
+    match = flatten_match(indices, targets, pred_corners.device)
     weight = teacher_logits.detach().float().sigmoid().amax(-1)  # [B, Q]
-    weight[batch_idx, query_idx] = _matched_iou(pred_boxes, targets, indices)
+    weight[match.batch_idx, match.query_idx] = _matched_iou(pred_boxes, match)
     matched = torch.zeros_like(weight, dtype=torch.bool)
-    matched[batch_idx, query_idx] = True
-    weighted_kl = (weight.unsqueeze(-1) * kl.reshape(*weight.shape, 4)).reshape(-1)
-    matched = matched.unsqueeze(-1).expand(*matched.shape, 4).reshape(-1)
+    matched[match.batch_idx, match.query_idx] = True
+    weighted_kl = weight.unsqueeze(-1) * kl.reshape(*weight.shape, 4)  # [B, Q, 4]
+    matched = matched.unsqueeze(-1).expand_as(weighted_kl)
 
-    zero = weighted_kl.new_zeros(())
-    mean_matched = weighted_kl[matched].mean() if matched.any() else zero
-    mean_unmatched = weighted_kl[~matched].mean() if (~matched).any() else zero
-    num_matched = int(matched.sum())
-    return sqrt_count_mix(mean_matched, mean_unmatched, num_matched, matched.numel() - num_matched)
+    # group means as masked sums over counts (0 for an empty group), so no host sync
+    num_matched = matched.sum(dtype=torch.float32)
+    num_unmatched = matched.numel() - num_matched
+    mean_matched = weighted_kl.where(matched, 0).sum() / num_matched.clamp(min=1)
+    mean_unmatched = weighted_kl.where(~matched, 0).sum() / num_unmatched.clamp(min=1)
+    return sqrt_count_mix(mean_matched, mean_unmatched, num_matched, num_unmatched)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,11 +507,11 @@ DEFAULT_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5
 
 def _mean_over_ranks(count: int, device: torch.device) -> float:
     """A box count, averaged over ranks when torch.distributed is initialised, clamped at 1."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return max(float(count), 1.0)
     value = torch.tensor([float(count)], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value.clamp(min=1).item()
+    dist.all_reduce(value)
+    return (value / dist.get_world_size()).clamp(min=1).item()
 
 
 class DFINECriterion(nn.Module):
@@ -555,37 +595,42 @@ class DFINECriterion(nn.Module):
         named = self._named_outputs(outputs)
         own = {suffix: self.matcher(out["pred_logits"], out["pred_boxes"], targets) for suffix, out in named}
         num_gt = _mean_over_ranks(sum(len(t["labels"]) for t in targets), device)
+        # every matching is flattened once (one index copy to the device, one gather of the GTs)
+        batch_targets = concat_targets(targets, device)
+        own_flat = {suffix: flatten_match(indices, batch_targets, device) for suffix, indices in own.items()}
 
-        # (indices, normaliser) of the localisation losses (L1, GIoU, FGL, DDF) of each output
+        # (matching, normaliser) of the localisation losses (L1, GIoU, FGL, DDF) of each output
         shared_fgl_targets = None
         if self.union_matching:
             union = union_matching(list(own.values()))
             num_union = _mean_over_ranks(sum(len(query_idx) for query_idx, _ in union), device)
-            localisation = {suffix: (union, num_union) for suffix in own}
+            union_flat = flatten_match(union, batch_targets, device)
+            localisation = {suffix: (union_flat, num_union) for suffix in own}
             if outputs.get("pred_corners") is not None:
                 shared_fgl_targets = fgl_target_bins(
-                    outputs["ref_points"], targets, union, self.reg_max, self.reg_scale, self.up
+                    outputs["ref_points"], batch_targets, union_flat, self.reg_max, self.reg_scale, self.up
                 )
         else:
-            localisation = {suffix: (indices, num_gt) for suffix, indices in own.items()}
+            localisation = {suffix: (flat, num_gt) for suffix, flat in own_flat.items()}
 
         w = self.weights
         losses: dict[str, torch.Tensor] = {}
         for suffix, out in named:
             loc_indices, loc_num = localisation[suffix]
             losses["loss_vfl" + suffix] = w["vfl"] * varifocal_loss(
-                out["pred_logits"], out["pred_boxes"], targets, own[suffix], num_gt, self.vfl_alpha, self.vfl_gamma
-            )
-            l1, giou = box_losses(out["pred_boxes"], targets, loc_indices, loc_num)
+                out["pred_logits"], out["pred_boxes"], batch_targets, own_flat[suffix], num_gt,
+                self.vfl_alpha, self.vfl_gamma,
+            )  # fmt: skip
+            l1, giou = box_losses(out["pred_boxes"], batch_targets, loc_indices, loc_num)
             losses["loss_bbox" + suffix], losses["loss_giou" + suffix] = w["bbox"] * l1, w["giou"] * giou
             if out.get("pred_corners") is not None:
                 losses["loss_fgl" + suffix] = w["fgl"] * fgl_loss(
-                    out["pred_corners"], out["ref_points"], out["pred_boxes"], targets, loc_indices, loc_num,
-                    self.reg_max, self.reg_scale, self.up, cached_targets=shared_fgl_targets,
+                    out["pred_corners"], out["ref_points"], out["pred_boxes"], batch_targets, loc_indices,
+                    loc_num, self.reg_max, self.reg_scale, self.up, cached_targets=shared_fgl_targets,
                 )  # fmt: skip
             if self.use_ddf and out.get("teacher_corners") is not None:
                 losses["loss_ddf" + suffix] = w["ddf"] * ddf_loss(
-                    out["pred_corners"], out["teacher_corners"], out["teacher_logits"], out["pred_boxes"], targets,
-                    loc_indices, self.ddf_temperature,
+                    out["pred_corners"], out["teacher_corners"], out["teacher_logits"], out["pred_boxes"],
+                    batch_targets, loc_indices, self.ddf_temperature,
                 )  # fmt: skip
         return {key: torch.nan_to_num(value, nan=0.0) for key, value in losses.items()}
