@@ -124,11 +124,17 @@ def inspect_main(argv: Sequence[str]) -> None:
         if hasattr(module, "teacher"):
             models["teacher"] = module.teacher.model
         size = args.input_size or getattr(cli.datamodule, "input_shape", [3, 224, 224])
-        if isinstance(size, dict):  # several modalities: the student's own input
-            size, models = size[module.input_key], {"student": models["student"]}
-            print(f"(inspecting the student on '{module.input_key}' {list(size)}; the teachers take several inputs)")
+    sizes = dict.fromkeys(models, size)
+    if isinstance(size, dict):  # several modalities: each network on its own input
+        keys = {"student": module.input_key, "teacher": getattr(module, "teacher_input_key", None) or module.input_key}
+        for title in list(models):
+            if isinstance(keys[title], str):
+                sizes[title] = size[keys[title]]
+            else:
+                print(f"({title} skipped: it takes several inputs {keys[title]})")
+                del models[title]
     for title, model in models.items():
-        print_inspection(title, inspect_modules(model, torch.zeros(1, *size)), max_depth=args.depth)
+        print_inspection(title, inspect_modules(model, torch.zeros(1, *sizes[title])), max_depth=args.depth)
 
 
 def cache_main(argv: Sequence[str]) -> None:

@@ -163,6 +163,12 @@ def test_fsdp2_checkpoints_resume_and_load_into_one_process(teacher_in_place: Pa
         mmkd_fit(config, *fsdp2, "--model.init_args.shard_teacher=true")
     random_clip_teacher()
     mmkd_fit("dho/fmnist.yaml", *fsdp2, "--model.init_args.mix=search")
+    compose_detection.compose(Path("runs/data/fmnist-det"), DATA_ROOT / "fashion-mnist", {"train": 16, "val": 4, "test": 4})
+    mmkd_fit("dfine/fmnist_det.yaml", *fsdp2, "--data.init_args.batch_size=4", "--model.init_args.model.init_args.backbone=resnet10t")
+    assert Path("runs/dfine/fmnist/last.ckpt/.metadata").is_file()
+    # MST-Distill: each network and each MaskNet sharded on its own; the selected weights are gathered
+    mmkd_fit("mst/avmnist.yaml", *fsdp2, "--model.init_args.stage_epochs=[1,1,1]", "--trainer.max_epochs=3")
+    assert Path("runs/mst/avmnist/mst_stage3.ckpt/.metadata").is_file()
     assert Path("runs/g2sd/generic/export/encoder.safetensors").is_file() and Path("runs/g2sd/specific/last.ckpt/.metadata").is_file()
     encoder = lightning_cli(["-c", str(CONFIGS / "g2sd/specific.yaml"), *SHORT], run=False).model.model.encoder  # read from the folder
     torch.testing.assert_close(encoder.state_dict()["blocks.0.attn.qkv.weight"], load_state_dict_file("runs/g2sd/generic/export/encoder.safetensors")["blocks.0.attn.qkv.weight"])

@@ -207,7 +207,7 @@ def test_three_stages_in_one_run_then_stage_3_again_from_the_stage_2_checkpoint(
     assert again.model.stage_epochs == [0, 0, 1] and Path("again/mst_stage3.ckpt").is_file()
     restarted = torch.load("again/mst_stage3.ckpt", weights_only=True)
     assert not changed("masknets.", stages[1], restarted) and changed("model.", stages[1], restarted)
-    with pytest.raises(ValueError, match="completed stage 1, but start_stage=3"):
+    with pytest.raises(ValueError, match="completed stage 1, but start_stage=3 starts from the end of stage 2"):
         fit("avmnist.yaml", "--model.init_args.start_stage=3", f"--model.init_args.init_from={runs}/mst_stage1.ckpt", "--trainer.max_epochs=null")
 
 

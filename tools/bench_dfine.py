@@ -33,7 +33,7 @@ METRICS = ["test/map", "test/map_50", "test/map_75", "test/map_small", "test/map
 
 def execute(key: str, run: Run, args: argparse.Namespace) -> dict:
     overrides = [*shared_overrides(args), f"--data.init_args.root={args.data}", *run.extra]
-    return seeded_run(run.name, CONFIG, f"{args.workdir}/{key}", run.seed, run.epochs, overrides)
+    return seeded_run(run.name, run.config, f"{args.workdir}/{key}", run.seed, run.epochs, overrides)
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
 
         from mmkd.data.common import default_data_root
 
-        fmnist = Path(os.environ.get("MMKD_DATA") or default_data_root()) / "fashion-mnist"
+        fmnist = default_data_root() / "fashion-mnist"
         compose_detection.compose(Path(args.data), fmnist, compose_detection.DEFAULT_SIZES, progress=True)
 
     started, load_before = time.time(), os.getloadavg()

@@ -83,6 +83,8 @@ def execute_all(runs: dict[str, Run], execute: Callable[[str, Run, object], dict
         while pending or running:
             for key in [k for k, run in pending.items() if all(need in results for need in run.needs)]:
                 running[pool.submit(execute, key, pending.pop(key), args)] = key
+            if not running:
+                raise ValueError(f"runs waiting for runs that are not planned: {sorted(pending)}")
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 results[running.pop(future)] = future.result()
@@ -100,8 +102,9 @@ def add_run_arguments(parser, out: str, workdir: str) -> None:
 
 
 def shared_overrides(args) -> list[str]:
-    """Overrides of every run: quiet, logs in the work folder, the precision and ``--override``s."""
-    shared = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={args.workdir}/logs"]
+    """Overrides of every run: quiet, the precision and ``--override``s (:func:`seeded_run` puts the logs in
+    the run's folder)."""
+    shared = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     if args.precision:
         shared.append(f"--trainer.precision={args.precision}")
     return shared + args.override

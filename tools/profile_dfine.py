@@ -54,7 +54,7 @@ def main() -> None:
         sync()
         return time.perf_counter() - start
 
-    fmnist = Path(os.environ.get("MMKD_DATA") or default_data_root()) / "fashion-mnist"
+    fmnist = default_data_root() / "fashion-mnist"
     folder = tempfile.mkdtemp()  # the data set reads its images on access: kept until the end
     scenes = compose_detection.compose(Path(folder) / "scenes", fmnist, {"train": 64, "val": 0, "test": 0})
     dataset = CocoDetection(scenes / "train", image_size=128, augment=True)

@@ -56,6 +56,8 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
 
     cli = lightning_cli(["-c", args.config, *overrides], run=False)
+    if not isinstance(cli.model.input_key, str):
+        parser.error(f"the student takes several inputs {cli.model.input_key}; the zoo holds single-input students")
     input_shape = cli.datamodule.input_shape
     if isinstance(input_shape, dict):  # several modalities: the student's
         input_shape = input_shape[cli.model.input_key]

@@ -116,22 +116,28 @@ class TrainingModule(L.LightningModule):
         mesh = self.device_mesh
         if mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-        from mmkd.strategies import shard_units
-
         mesh = mesh["data_parallel"]
         for name, child in self.named_children():
             if name == "teacher" and not self.shard_teacher:
                 continue
-            if not any(True for _ in child.parameters()):
-                continue
-            for unit in shard_units(child):
-                fully_shard(unit, mesh=mesh)
-            fully_shard(child, mesh=mesh)
-            # methods called instead of forward (DistilledViT.forward_heads) must gather the shards too
-            for method in getattr(child, "fsdp_forward_methods", ()):
-                register_fsdp_forward_method(child, method)
+            # a container has no forward to wrap: its members are sharded one by one (MST's MaskNets)
+            for member in child.children() if isinstance(child, (nn.ModuleDict, nn.ModuleList)) else [child]:
+                self._shard(member, mesh)
+
+    @staticmethod
+    def _shard(child: nn.Module, mesh: Any) -> None:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        from mmkd.strategies import shard_units
+
+        if not any(True for _ in child.parameters()):
+            return
+        for unit in shard_units(child):
+            fully_shard(unit, mesh=mesh)
+        fully_shard(child, mesh=mesh)
+        # methods called instead of forward (DistilledViT.forward_heads) must gather the shards too
+        for method in getattr(child, "fsdp_forward_methods", ()):
+            register_fsdp_forward_method(child, method)
 
     # -- optimisation --------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

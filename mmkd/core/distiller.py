@@ -88,7 +88,8 @@ class Distiller(Classifier):
         teacher: a ``Teacher`` or any module (then wrapped, without loading weights).
         terms: the distillation terms.
         ce_weight: weight of the cross-entropy on labels (0 disables it).
-        input_size: input shape without batch, e.g. ``[1, 28, 28]``; default from the data module.
+        input_size: input shape without batch, e.g. ``[1, 28, 28]``, or one per batch key; default from
+            the data module.
         teacher_cache: a folder built by ``mmkd cache`` (see :mod:`mmkd.core.cache`): training
             steps read the teacher's outputs from it instead of running the teacher; validation
             still runs the teacher. Checked against the teacher weights, data and transform.
@@ -106,7 +107,7 @@ class Distiller(Classifier):
         teacher: nn.Module,
         terms: list[LossTerm] | None = None,
         ce_weight: float = 1.0,
-        input_size: list[int] | None = None,
+        input_size: list[int] | dict[str, list[int]] | None = None,
         teacher_cache: str | None = None,
         teacher_input_key: str | list[str] | None = None,
         **kwargs: Any,
@@ -130,6 +131,8 @@ class Distiller(Classifier):
         self.teacher_val_result: float | None = None
         self.feature_shapes: dict[str, dict[str, list[int]]] | None = None
         self.teacher_cache = teacher_cache
+        if not isinstance(self.input_key, str) and teacher_input_key is None:
+            raise ValueError(f"the student takes several inputs {self.input_key}: set teacher_input_key to the teacher's")
         self.teacher_input_key = teacher_input_key
         self._cache: TeacherCache | None = None
 

@@ -29,7 +29,7 @@ from mmkd.core.classifier import TrainingModule
 from mmkd.data.detection import detection_predictions, detection_targets
 from mmkd.losses.detection import DFINECriterion
 
-MAP_KEYS = {"map": "map", "map_50": "map_50", "map_75": "map_75", "map_small": "map_small", "map_medium": "map_medium", "map_large": "map_large"}
+MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 
 
 class DFine(TrainingModule):
@@ -75,9 +75,17 @@ class DFine(TrainingModule):
             num_classes, reg_max=model.reg_max, reg_scale=float(model.reg_scale), up=float(model.up),
             ddf_temperature=ddf_temperature, union_matching=go_lsd, use_ddf=go_lsd, **criterion_args,
         )  # fmt: skip
-        self.num_classes, self.go_lsd, self.max_detections = num_classes, go_lsd, max_detections
+        self.num_classes, self.max_detections = num_classes, max_detections
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
         self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+
+    def setup(self, stage: str) -> None:
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} object classes but the detector is built for {self.num_classes}: "
+                "set model.init_args.num_classes and model.init_args.model.init_args.num_classes to it"
+            )
 
     def forward(self, images: torch.Tensor) -> dict[str, Any]:
         return self.model(images)
@@ -114,8 +122,8 @@ class DFine(TrainingModule):
     def _log_map(self, metric: MeanAveragePrecision, split: str) -> None:
         values = metric.compute()
         metric.reset()
-        for key, name in MAP_KEYS.items():
-            self.log(f"{split}/{name}", values[key].float(), prog_bar=name == "map", sync_dist=False)
+        for name in MAP_KEYS:
+            self.log(f"{split}/{name}", values[name].float(), prog_bar=name == "map")
 
     def on_validation_epoch_end(self) -> None:
         self._log_map(self.val_map, "val")

@@ -31,7 +31,6 @@ gives the paper's one mask per specialised teacher, as in stage 2.
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +41,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -140,6 +141,20 @@ def routed_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, s
     return torch.stack(routes).mean()
 
 
+def _full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's state with whole tensors (under FSDP2 its shards are gathered: a
+    collective, so every process calls it), storable in a checkpoint."""
+    return {key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone() for key, value in module.state_dict().items()}
+
+
+def _load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors, into the shards under FSDP2."""
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        module.load_state_dict(state)
+
+
 def decayed(weight: float, factor: float, every: int, epoch: int) -> float:
     """The official schedule ``w *= factor if epoch % every == 0``, applied after each epoch, as a
     function of the (stage-local, 0-based) epoch that is about to run: already decayed once in
@@ -154,10 +169,10 @@ class MSTDistill(TrainingModule):
     student sees ``input_key``, the cross-modal teacher ``crossmodal_input_key``, the multimodal
     teacher all of ``multimodal_input_keys`` (positional, in that order).
 
-    Logged: per stage its loss terms; ``val/acc`` and ``val/loss_ce`` (student), ``val/acc_mm`` and
+    Logged: per stage its loss terms; ``val/acc`` and ``val/loss`` (student CE), ``val/acc_mm`` and
     ``val/acc_cm`` (teachers); stage 2 ``val/loss_masknet`` (its selection criterion); stage 3
     ``train/w_kl``, ``train/w_lb`` and ``train/route_{i}`` (share of samples routed to each
-    specialised teacher); test ``test/acc``, ``test/acc_mm``, ``test/acc_cm``.
+    specialised teacher); test ``test/acc``, ``test/loss``, ``test/acc_mm``, ``test/acc_cm``.
 
     At the end of every stage the module writes ``mst_stage{n}.ckpt`` beside the other
     checkpoints. Resuming any checkpoint with ``--ckpt_path`` continues where it stopped, mid-stage
@@ -230,6 +245,8 @@ class MSTDistill(TrainingModule):
         self.input_key, self.crossmodal_input_key = input_key, crossmodal_input_key
         self.multimodal_input_keys = list(multimodal_input_keys)
         self.mask_layers = {"mm": list(mm_mask_layers), "cm": list(cm_mask_layers)}
+        if not mm_mask_layers or not cm_mask_layers:
+            raise ValueError("mm_mask_layers and cm_mask_layers each need at least one module path (official: two each)")
         ways = len(mm_mask_layers) + len(cm_mask_layers)
         if len(stage_epochs) != 3 or len(lrs) != 3:
             raise ValueError(f"stage_epochs and lrs need one value per stage (3), got {list(stage_epochs)} and {list(lrs)}")
@@ -315,6 +332,9 @@ class MSTDistill(TrainingModule):
         shapes = self.input_shapes or getattr(self.trainer.datamodule, "input_shape", None)
         if not isinstance(shapes, dict):
             raise ValueError("set model.init_args.input_shapes ({modality: shape}) or use a data module whose input_shape is such a dict")
+        needed = {self.input_key, self.crossmodal_input_key, *self.multimodal_input_keys}
+        if needed - shapes.keys():
+            raise ValueError(f"batch keys {sorted(needed - shapes.keys())} are not among the data's inputs {sorted(shapes)}")
         device = next(self.parameters()).device
         batch = {key: torch.zeros(2, *shape, device=device) for key, shape in shapes.items()}
         observed: dict[str, list[int]] = {}
@@ -449,10 +469,10 @@ class MSTDistill(TrainingModule):
             raise FileNotFoundError(f"init_from: {path} does not exist (a mst_stage{{n}}.ckpt written by an earlier MST-Distill run)")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         completed = checkpoint.get("mmkd", {}).get("mst_completed_stage", 0)
-        if completed < self.start_stage - 1:
+        if completed != self.start_stage - 1:
             raise ValueError(
-                f"init_from: {path} completed stage {completed}, but start_stage={self.start_stage} needs stage "
-                f"{self.start_stage - 1} done: use that stage's mst_stage{self.start_stage - 1}.ckpt"
+                f"init_from: {path} completed stage {completed}, but start_stage={self.start_stage} starts from the end of "
+                f"stage {self.start_stage - 1}: use that stage's mst_stage{self.start_stage - 1}.ckpt"
             )
         self.load_state_dict(checkpoint["state_dict"])
         self.completed_stage = completed
@@ -476,7 +496,7 @@ class MSTDistill(TrainingModule):
         self.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         optimizer.step()
-        return loss  # DDP finds the parameters this stage does not use from the graph of this loss
+        return loss
 
     def last_epoch_of_stage(self) -> bool:
         return self.stage_epoch == self.stage_epochs[self.stage - 1] - 1
@@ -488,9 +508,9 @@ class MSTDistill(TrainingModule):
         if self.completed_stage >= stage:
             return
         if self.best.get("stage") == stage:
-            (self.masknets if stage == 2 else self.model).load_state_dict(self.best["state"])
+            _load_full_state(self.masknets if stage == 2 else self.model, self.best["state"])
             if stage == 3:
-                self.router.load_state_dict(self.best["router"])
+                _load_full_state(self.router, self.best["router"])
         self.best = {}
         self.completed_stage = stage
 
@@ -515,7 +535,7 @@ class MSTDistill(TrainingModule):
         self.log(f"{split}/acc", self.metrics[f"{split}_acc_student"], prog_bar=True, batch_size=len(labels))
         self.log(f"{split}/acc_mm", self.metrics[f"{split}_acc_mm"], batch_size=len(labels))
         self.log(f"{split}/acc_cm", self.metrics[f"{split}_acc_cm"], batch_size=len(labels))
-        if split == "val" and not self.trainer.sanity_checking:
+        if split == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.val_ce.update(ce, len(labels))
             if self.stage == 2:
                 losses = self.masknet_losses(batch)
@@ -540,15 +560,15 @@ class MSTDistill(TrainingModule):
             self._keep_if_best(2, value, self.masknets)
         elif stage == 3:
             self._keep_if_best(3, val_ce, self.model)
-        if self.last_epoch_of_stage():
+        if self.last_epoch_of_stage() and self.trainer.is_last_batch:  # not a validation half-way through the epoch
             self.finish_stage()
 
     def _keep_if_best(self, stage: int, value: float, module: nn.Module) -> None:
         if not self.select_best or (self.best.get("stage") == stage and value >= self.best["value"]):
             return
-        self.best = {"stage": stage, "value": value, "state": copy.deepcopy(module.state_dict())}
+        self.best = {"stage": stage, "value": value, "state": _full_state(module)}
         if stage == 3:
-            self.best["router"] = copy.deepcopy(self.router.state_dict())
+            self.best["router"] = _full_state(self.router)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         probs = self.model(batch[self.input_key]).float().softmax(-1)

@@ -1,7 +1,9 @@
 """D-FINE detection losses: FDR (W(n), the integral, FGL) and GO-LSD (union matching, DDF).
 
-Reimplemented from the notes in ``dfine_mst.md`` PART A (§A2.2-A2.3, §A3), not from the official code.
-One function per formula of §A3: :func:`varifocal_loss` (§A3.3), :func:`box_losses` (§A3.4),
+Reimplemented (not copied) from the team's notes on the official code, Peterande/D-FINE at 4a1f73a:
+``src/zoo/dfine/dfine_criterion.py``, ``dfine_utils.py`` and ``matcher.py``. The section marks (§A2.2, §A3.3, ...)
+are those of the notes (``reference/dfine_mst.md``, kept beside the repository), which cite the lines of
+those files. One function per formula of §A3: :func:`varifocal_loss` (§A3.3), :func:`box_losses` (§A3.4),
 :func:`fgl_loss` (§A3.5), :func:`ddf_loss` (§A3.6), :func:`union_matching` (§A3.7), and the
 :class:`HungarianMatcher` (§A3.2). :class:`DFINECriterion` puts them together as the table of §A3.7.
 
@@ -22,7 +24,6 @@ Deviations from the official code (values are otherwise the same):
 
 - no denoising (CDN) queries, so no ``_dn`` losses and no FGL/DDF on them;
 - IoU/GIoU clamp the union and enclosing areas at 1e-9 instead of asserting on degenerate boxes;
-- the matcher solves each image separately (same result as one batch matrix split by image);
 - union matching breaks count ties towards the lowest GT index and returns queries sorted (the official order
   is by count, with implementation-defined ties);
 - DDF leaves out ``batch_scale = 8 / B`` (it cancels in the mixing, see :func:`sqrt_count_mix`);

@@ -3,7 +3,7 @@
 :class:`DFineDetector` = timm backbone -> :class:`HybridEncoder` (a light AIFI + FPN/PAN) ->
 :class:`DFineDecoder` (RT-DETR query selection, decoder layers with D-FINE's :class:`Gate`, and
 either :class:`FDRHead` or RT-DETR's direct box regression). It is small enough to train on
-128x128 images in minutes; the semantics follow ``/work/shared/reference/dfine_mst.md`` §A2.
+128x128 images in minutes; the semantics follow the official ``src/zoo/dfine/dfine_decoder.py`` (``TransformerDecoder``, ``Integral``, ``LQE``, ``Gate``) and ``dfine_utils.py``.
 
 Boxes are normalised to [0, 1] and in ``cxcywh``. Classes are 0-based, with no background class
 (sigmoid / focal-style logits).
@@ -119,7 +119,8 @@ class LQE(nn.Module):
 
 
 class FDRHead(nn.Module):
-    """Fine-grained Distribution Refinement, for any iterative DETR decoder (§A2.1).
+    """Fine-grained Distribution Refinement, for any iterative DETR decoder (the official
+    ``TransformerDecoder.forward``, ``dfine_decoder.py``).
 
     Per decoder layer ``i`` it predicts 4 edge distributions over ``reg_max + 1`` bins (edges
     left, top, right, bottom) as *residual* logits,
@@ -149,6 +150,10 @@ class FDRHead(nn.Module):
         self.reg_max = reg_max
         self.up = nn.Parameter(torch.tensor([float(up)]), requires_grad=False)
         self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
+        # Both are frozen: W(n) and the scale as a float are computed once, not read back from the
+        # device in every layer of every forward.
+        self._reg_scale_value = float(reg_scale)
+        self.register_buffer("project_table", weighting_function(reg_max, up, reg_scale), persistent=False)
         self.bbox_heads = nn.ModuleList(
             MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, zero_last=True) for _ in range(num_layers)
         )
@@ -156,11 +161,11 @@ class FDRHead(nn.Module):
 
     def project(self) -> torch.Tensor:
         """W(n), ``[reg_max + 1]``, in reg_scale units."""
-        return weighting_function(self.reg_max, self.up, self.reg_scale)
+        return self.project_table
 
     def decode(self, corners: torch.Tensor, ref_points: torch.Tensor) -> torch.Tensor:
         """Boxes (cxcywh) from edge logits ``[..., 4 * (reg_max + 1)]`` around ``ref_points`` (cxcywh)."""
-        return distance2bbox(ref_points, integral(corners, self.project()), self.reg_scale)
+        return distance2bbox(ref_points, integral(corners, self.project_table), self._reg_scale_value)
 
     def forward(self, layer: int, hidden: torch.Tensor, prev_hidden: torch.Tensor | None,
                 prev_corners: torch.Tensor | None, ref_points: torch.Tensor,
@@ -400,7 +405,7 @@ class DFineDetector(nn.Module):
     RT-DETR-style, ``sigmoid(bbox_heads[i](h_i) + inverse_sigmoid(previous box, detached))``;
     ``pred_corners``, ``ref_points``, ``teacher_*`` and ``pre_outputs`` are ``None``.
 
-    The decoder follows D-FINE §A2.1: the top-Q proposals (detached) give the initial references
+    The decoder follows D-FINE's ``TransformerDecoder``: the top-Q proposals (detached) give the initial references
     and content queries; ``query_pos = query_pos_head(ref).clamp(-10, 10)``; the next layer's
     reference is the current box, detached. The deviations from D-FINE (no deformable attention,
     a lighter encoder, no denoising queries) are listed in this module's docstring.
