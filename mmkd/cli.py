@@ -31,6 +31,7 @@ tools:
              (in Python: mmkd.zoo.load(NAME); in a config: checkpoint: zoo:NAME)
   export     write a trained student to ONNX (checked against PyTorch with onnxruntime):
              mmkd export -c configs/kd/fmnist_kd.yaml --ckpt_path runs/students/fmnist_kd/last.ckpt
+             mmkd export --zoo fmnist-resnet10t-kd
 
 Run `mmkd COMMAND --help` for the options of one command.
 """
@@ -191,30 +192,40 @@ def export_main(argv: Sequence[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="mmkd export",
-        description="Write the student of a config, with the weights of a checkpoint, to ONNX, and check the ONNX "
-        "model against PyTorch on a validation batch with onnxruntime. Other arguments are config overrides.",
+        description="Write a student to ONNX (the student of a config with the weights of a checkpoint, or a zoo "
+        "model) and check the ONNX model against PyTorch on a validation batch with onnxruntime. Other arguments "
+        "are config overrides.",
     )
-    parser.add_argument("-c", "--config", required=True, help="the config the student was trained with")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint of that config (file or FSDP2 folder)")
-    parser.add_argument("--out", default=None, help="the .onnx file (default: CKPT_PATH with .onnx)")
+    parser.add_argument("-c", "--config", help="the config the student was trained with")
+    parser.add_argument("--ckpt_path", help="a checkpoint of that config (file or FSDP2 folder)")
+    parser.add_argument("--zoo", metavar="NAME", help="a zoo model instead of a config and a checkpoint")
+    parser.add_argument("--out", default=None, help="the .onnx file (default: CKPT_PATH or NAME with .onnx)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference to PyTorch")
     args, overrides = parser.parse_known_args(list(argv))
-    cli = lightning_cli(["-c", args.config, *overrides], run=False)
+    from_config = bool(args.config or args.ckpt_path)
+    if bool(args.zoo) == from_config or (from_config and not (args.config and args.ckpt_path)):
+        parser.error("give either -c CONFIG --ckpt_path CKPT or --zoo NAME")
     try:
-        student = student_from_checkpoint(cli.model.model, args.ckpt_path)
-    except (FileNotFoundError, RuntimeError) as err:
+        if args.zoo:
+            from mmkd import zoo
+
+            student, key = zoo.load(args.zoo), zoo.info(args.zoo).get("input_key", "image")
+            datamodule, out = zoo.evaluation_data(args.zoo), args.out or f"{args.zoo}.onnx"
+        else:
+            cli = lightning_cli(["-c", args.config, *overrides], run=False)
+            student, key, datamodule = student_from_checkpoint(cli.model.model, args.ckpt_path), cli.model.input_key, cli.datamodule
+            out = args.out or f"{str(args.ckpt_path).rstrip('/')}.onnx"
+    except (FileNotFoundError, RuntimeError, ValueError) as err:  # missing or corrupt weights, unknown zoo names
         print(f"mmkd: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    datamodule = cli.datamodule
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    key = cli.model.input_key
     if not isinstance(key, str):
         print(f"mmkd: error: the student takes several inputs {key}; export takes single-input students", file=sys.stderr)
         raise SystemExit(2)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
     batch = next(iter(datamodule.val_dataloader()))[key][:8]
-    out = export_onnx(student, batch, args.out or f"{str(args.ckpt_path).rstrip('/')}.onnx", args.opset, input_name=key)
+    out = export_onnx(student, batch, out, args.opset, input_name=key)
     difference = onnx_max_difference(student, out, [batch, batch[:1]])
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB); onnxruntime vs PyTorch on a validation batch: max |diff| = {difference:.2e}")
     if difference > args.atol:

@@ -131,6 +131,14 @@ def build(spec: Any) -> Any:
     return spec
 
 
+def evaluation_data(name: str, **init_args: Any) -> Any:
+    """The data module that measured a zoo entry's metrics (its manifest's ``evaluation_data``;
+    Fashion-MNIST for the entries older than that field), with ``init_args`` overriding its own
+    (``root``, ``batch_size``). Batches hold the model's input under the entry's ``input_key``."""
+    spec = info(name).get("evaluation_data") or {"class_path": "mmkd.data.FashionMNISTDataModule", "init_args": {}}
+    return build({**spec, "init_args": {**spec.get("init_args", {}), **init_args}})
+
+
 def load(name: str) -> nn.Module:
     """A zoo model, built and loaded, in eval mode. Usable as a config's student or teacher model:
     ``{"class_path": "mmkd.zoo.load", "init_args": {"name": NAME}}``; ``checkpoint: zoo:NAME``

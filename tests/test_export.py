@@ -40,6 +40,17 @@ def test_export_command_writes_a_student_that_onnxruntime_runs_like_pytorch(data
     assert exit_.value.code == 2 and "checkpoint not found: missing.ckpt" in capsys.readouterr().err
 
 
+def test_export_of_a_zoo_student_takes_its_own_input(data_root: Path, capsys: pytest.CaptureFixture) -> None:
+    main(["export", "--zoo", "avmnist-audiocnn-mst", "--out", "audio.onnx"])  # checked on an AV-MNIST validation batch
+    assert "max |diff|" in capsys.readouterr().out
+    assert [i.name for i in onnxruntime.InferenceSession("audio.onnx").get_inputs()] == ["audio"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--zoo", "fmnist-resnet10t", "--out", "x.onnx"])
+    assert exit_.value.code == 2 and "no zoo model named 'fmnist-resnet10t'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--zoo", "fmnist-resnet10t-kd", "-c", str(CONFIGS / "kd/fmnist_kd.yaml")])
+
+
 def test_dho_mix_is_in_the_exported_graph() -> None:
     torch.manual_seed(0)
     backbone = timm_model("resnet10t", num_classes=0, in_chans=1, model_args={"channels": [4, 8, 16, 32], "stem_width": 4})

@@ -82,9 +82,7 @@ def test_repository_students_load_and_score_their_recorded_accuracy(data_root: P
     monkeypatch.setenv("MMKD_CACHE", str(tmp_path / "cache"))  # nothing cached: read from model_zoo/files
     for name, entry in zoo.entries().items():
         assert entry["sha256"] and entry["size"] and entry["licence"] and entry["metrics"]["command"]
-        # entries older than the field were all measured on Fashion-MNIST's test split
-        spec = entry.get("evaluation_data") or {"class_path": "mmkd.data.FashionMNISTDataModule", "init_args": {}}
-        data = zoo.build({**spec, "init_args": {**spec["init_args"], "root": str(data_root), "batch_size": 500}})
+        data = zoo.evaluation_data(name, root=str(data_root), batch_size=500)
         data.setup("test")
         model = zoo.load(name)
         accuracy = MulticlassAccuracy(10, average="micro")
