@@ -306,7 +306,7 @@ def detection_targets(targets: Sequence[dict[str, torch.Tensor]]) -> list[dict[s
     "labels": [n]}`` for ``MeanAveragePrecision``."""
     converted = []
     for target in targets:
-        height, width = target["orig_size"].tolist()
-        scale = torch.tensor([width, height, width, height], dtype=target["boxes"].dtype, device=target["boxes"].device)
+        height, width = target["orig_size"].to(target["boxes"]).unbind()  # the boxes' device and dtype: no sync
+        scale = torch.stack([width, height, width, height])
         converted.append({"boxes": box_convert(target["boxes"], "cxcywh", "xyxy") * scale, "labels": target["labels"]})
     return converted
