@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from mmkd.data.common import default_data_root  # noqa: E402
 from mmkd.data.idx import read_idx  # noqa: E402
-from mmkd.data.images import FASHION_MNIST_CLASSES  # noqa: E402
+from mmkd.data.images import FASHION_MNIST_CLASSES, find_data_file  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 4000, "val": 500, "test": 500}
@@ -92,10 +92,10 @@ class ComposedImage:
 
 
 def _idx_file(folder: Path, name: str) -> Path:
-    for candidate in (folder / f"{name}.gz", folder / name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{folder / name}.gz not found: point --fmnist at the folder with the Fashion-MNIST IDX files")
+    found = find_data_file(folder, (".",), name)
+    if found is None:
+        raise FileNotFoundError(f"{folder / name}.gz not found: point --fmnist at the folder with the Fashion-MNIST IDX files")
+    return found
 
 
 def object_pools(fmnist_root: Path, seed: int = 0) -> dict[str, ObjectPool]:

@@ -17,7 +17,8 @@ FASHION_MNIST_CLASSES = (
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
-def _find(root: Path, folders: tuple[str, ...], name: str) -> Path | None:
+def find_data_file(root: Path, folders: tuple[str, ...], name: str) -> Path | None:
+    """``root/folder/name.gz`` or ``root/folder/name`` in the first of ``folders`` that has it."""
     for folder in folders:
         for suffix in (".gz", ""):
             path = root / folder / f"{name}{suffix}"
@@ -74,7 +75,7 @@ class IDXImageDataModule(InMemoryDataModule):
 
     # -- locating and fetching files ------------------------------------------------------------
     def _paths(self) -> dict[str, Path] | None:
-        paths = {key: _find(self.root, self._folders, name) for key, name in self._file_names.items()}
+        paths = {key: find_data_file(self.root, self._folders, name) for key, name in self._file_names.items()}
         return paths if all(paths.values()) else None
 
     def _torchvision_download(self) -> None:
@@ -184,8 +185,8 @@ class MNISTDataModule(IDXImageDataModule):
         self.variant, self.test_size = variant, test_size
 
     def _digits_10k(self) -> tuple[Path, Path] | None:
-        images = _find(self.root, ("mnist-10k",), "images-idx3-ubyte")
-        labels = _find(self.root, ("mnist-10k",), "labels-idx1-ubyte")
+        images = find_data_file(self.root, ("mnist-10k",), "images-idx3-ubyte")
+        labels = find_data_file(self.root, ("mnist-10k",), "labels-idx1-ubyte")
         return (images, labels) if images and labels else None
 
     def _use_10k(self) -> bool:
