@@ -10,12 +10,18 @@ from torch import nn
 from mmkd.core.checkpoint import load_weights, sha256_file, state_dict_sha256
 
 
-def _to_float(output: Any) -> Any:
+def to_float(output: Any) -> Any:
+    """Floating-point tensors of a (nested) output cast to float32: tensors, tuples (named ones
+    kept), lists and dicts."""
     if isinstance(output, torch.Tensor):
         return output.float() if output.is_floating_point() else output
     if isinstance(output, tuple):
-        values = [_to_float(value) for value in output]
+        values = [to_float(value) for value in output]
         return type(output)(*values) if hasattr(output, "_fields") else tuple(values)
+    if isinstance(output, list):
+        return [to_float(value) for value in output]
+    if isinstance(output, dict):
+        return {key: to_float(value) for key, value in output.items()}
     return output
 
 
@@ -73,7 +79,7 @@ class Teacher(nn.Module):
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.model(*args, **kwargs)
         if self.bf16:
-            output = _to_float(output)
+            output = to_float(output)
         return output
 
     def reference(self) -> dict[str, str | None]:

@@ -26,6 +26,7 @@ from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
 from mmkd.core.classifier import TrainingModule
+from mmkd.core.teacher import to_float
 from mmkd.data.detection import detection_predictions, detection_targets
 from mmkd.losses.detection import DFINECriterion
 
@@ -94,7 +95,7 @@ class DFine(TrainingModule):
         """The criterion's weighted terms, summed per kind over all outputs (layers, pre, encoder)."""
         outputs = self.model(batch["image"])
         with torch.autocast(device_type=batch["image"].device.type, enabled=False):  # fp32, as the official criterion
-            terms = self.criterion(_to_float(outputs), batch["targets"])
+            terms = self.criterion(to_float(outputs), batch["targets"])
         by_kind: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=batch["image"].device))
         for name, value in terms.items():
             kind = name.removeprefix("loss_").split("_")[0]
@@ -136,12 +137,3 @@ class DFine(TrainingModule):
         sizes = torch.stack([target["orig_size"] for target in batch["targets"]]).to(batch["image"].device)
         return detection_predictions(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), sizes, self.max_detections)
 
-
-def _to_float(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {key: _to_float(v) for key, v in value.items()}
-    if isinstance(value, list):
-        return [_to_float(v) for v in value]
-    return value

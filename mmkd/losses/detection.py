@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torchvision.ops import box_convert
 
 Target = dict[str, torch.Tensor]
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
@@ -51,15 +52,13 @@ Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """``[..., 4]`` (cx, cy, w, h) -> (x1, y1, x2, y2)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    """``[..., 4]`` (cx, cy, w, h) -> (x1, y1, x2, y2), torchvision's ``box_convert`` (as the data module)."""
+    return box_convert(boxes, "cxcywh", "xyxy")
 
 
 def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
     """``[..., 4]`` (x1, y1, x2, y2) -> (cx, cy, w, h)."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+    return box_convert(boxes, "xyxy", "cxcywh")
 
 
 def box_iou_and_giou(

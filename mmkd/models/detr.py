@@ -326,7 +326,7 @@ class DFineDecoder(nn.Module):
             boxes.append(torch.cat([centres, sizes], -1))
         anchors = torch.cat(boxes)
         valid = ((anchors > eps) & (anchors < 1 - eps)).all(-1, keepdim=True)
-        anchors = torch.log(anchors / (1 - anchors))
+        anchors = inverse_sigmoid(anchors)  # exact for the valid ones, the others become inf below
         return torch.where(valid, anchors, torch.inf), valid
 
     def forward(self, feats: list[torch.Tensor]) -> dict[str, Any]:
