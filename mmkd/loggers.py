@@ -40,7 +40,8 @@ class WandbLogger(LightningWandbLogger):
     uploaded later with ``wandb sync``. ``offline=True``/``False`` forces a mode. Everything
     ``self.log``s reaches W&B (every loss term, the student's metrics, the teacher's
     ``val/teacher_acc``), and ``mmkd`` logs the resolved config as the run's config.
-    ``log_model=True`` uploads the checkpoints (the final student) as artifacts.
+    ``log_model=True`` logs the checkpoints (the final student, without the teacher's weights) as
+    artifacts of type ``model``, offline too (staged, then uploaded by ``wandb sync``).
     """
 
     def __init__(self, *args: Any, offline: bool | None = None, **kwargs: Any) -> None:
@@ -50,6 +51,7 @@ class WandbLogger(LightningWandbLogger):
             if offline:
                 save_dir = kwargs.get("save_dir") or os.environ.get("WANDB_DIR") or "."
                 rank_zero_warn(f"W&B logs offline: {reason}. Upload the run later with `wandb sync {save_dir}/wandb/offline-run-*`.")
-        if offline and kwargs.get("log_model"):
-            kwargs["log_model"] = False  # artifacts need the server; the checkpoints stay on disk
-        super().__init__(*args, offline=offline, **kwargs)
+        # Lightning refuses log_model offline, but W&B records artifacts in an offline run and
+        # `wandb sync` uploads them with the rest: bypass the check, then run offline all the same.
+        super().__init__(*args, offline=offline and not kwargs.get("log_model"), **kwargs)
+        self._offline = offline

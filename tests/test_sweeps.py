@@ -1,9 +1,11 @@
 """W&B: the sweep files in configs/sweeps/, expanded into command lines the way `wandb agent`
 builds them, and a run logged offline (no account, no network) with the sweep's metric in its
-history."""
+history and its checkpoints as model artifacts."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 import os
 import random
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mmkd.cli import lightning_cli
@@ -106,11 +109,12 @@ def test_a_sweep_run_logs_offline_without_an_account(teacher_in_place: Path, tmp
     command[command.index("-c") + 1] = str(REPO / command[command.index("-c") + 1])
     mmkd = str(Path(sys.executable).parent / "mmkd")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path / "home")}  # no key, no netrc
-    done = subprocess.run([mmkd, *command[2:], *SHORT], capture_output=True, text=True, timeout=600, env=env)
+    log_model = "--trainer.logger.init_args.log_model=true"  # the final checkpoint as an artifact, offline too
+    done = subprocess.run([mmkd, *command[2:], *SHORT, log_model], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("W&B logs offline: no W&B API key") == 1
     [run_file] = Path("runs/wandb/wandb").glob("offline-run-*/run-*.wandb")
-    history, config = set(), {}
+    history, config, artifacts = set(), {}, []
 
     def name(item) -> str:  # W&B writes a "/" in a key as a nested key
         return item.key or "/".join(item.nested_key)
@@ -121,6 +125,17 @@ def test_a_sweep_run_logs_offline_without_an_account(teacher_in_place: Path, tmp
             history |= {name(item) for item in record.history.item}
         elif kind == "config":
             config |= {name(item): yaml.safe_load(item.value_json) for item in record.config.update}
+        elif kind == "artifact":
+            artifacts.append(record.artifact)
     assert sweep["metric"]["name"] in history  # the metric the sweep optimises is really logged
     assert {"train/loss_kd_epoch", "train/loss_ce_epoch", "val/teacher_acc"} <= history
     assert config["model"]["init_args"]["temperature"] == 2.0  # the resolved config, with the sampled values
+    checkpoints = {base64.b64encode(hashlib.md5(p.read_bytes()).digest()).decode() for p in Path("runs").rglob("*.ckpt")}
+    assert {"best", "latest"} <= {alias for artifact in artifacts for alias in artifact.aliases}
+    for artifact in artifacts:  # the best and the last checkpoint
+        [entry] = artifact.manifest.contents
+        assert artifact.type == "model" and entry.path == "model.ckpt"
+        assert entry.digest in checkpoints  # W&B's md5 of a checkpoint this run wrote
+        staged = torch.load(entry.local_path, map_location="cpu", weights_only=True)  # what `wandb sync` uploads
+        assert any(key.startswith("model.") for key in staged["state_dict"])  # the student
+        assert not any(key.startswith("teacher.") for key in staged["state_dict"])
