@@ -4,6 +4,7 @@ subprocess): DDP with two CPU processes (gloo), and a run killed with SIGKILL th
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -125,23 +126,52 @@ FSDP2_SINGLE_FILE = ["--trainer.accelerator=cpu", "--trainer.devices=2",
                      '--trainer.strategy={"class_path": "mmkd.strategies.FSDP2", "init_args": {"save_distributed_checkpoint": false}}']  # fmt: skip
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_nodes(commands: list[list[str]], envs: list[dict[str, str]]) -> None:
+    """One process per simulated node, all at once (they rendezvous on loopback)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    nodes = [subprocess.Popen(command, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for command, extra in zip(commands, envs)]
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    for node, error in zip(nodes, errors):
+        assert node.returncode == 0, error[-3000:]
+
+
 @pytest.mark.slow
-def test_ddp_matches_one_process_with_the_same_global_batch_and_fsdp2_matches_ddp(data_root: Path) -> None:
+def test_ddp_matches_one_process_and_fsdp2_torchrun_and_slurm_match_ddp(data_root: Path) -> None:
     # A LayerNorm ViT (no BatchNorm statistics per rank), no mixup (timm pairs samples within a
     # batch) and SGD (Adam's normalised steps would amplify float noise in near-zero gradients).
+    config = "g2sd/vit_alone.yaml"
     common = ["--trainer.limit_train_batches=4", "--model.init_args.mixup=null", "--model.init_args.optimizer.class_path=torch.optim.SGD",
               "--model.init_args.optimizer.init_args.lr=0.05"]  # fmt: skip
-    mmkd_fit("g2sd/vit_alone.yaml", *common, *DDP, "--data.init_args.batch_size=32", "--trainer.callbacks.init_args.dirpath=ddp")
-    mmkd_fit("g2sd/vit_alone.yaml", *common, "--data.init_args.batch_size=64", "--trainer.callbacks.init_args.dirpath=single")
-    mmkd_fit("g2sd/vit_alone.yaml", *common, *FSDP2_SINGLE_FILE, "--data.init_args.batch_size=32", "--trainer.callbacks.init_args.dirpath=fsdp2")
-    ddp, single, fsdp2 = weights("ddp/last.ckpt"), weights("single/last.ckpt"), weights("fsdp2/last.ckpt")
-    initial = lightning_cli(["-c", str(CONFIGS / "g2sd/vit_alone.yaml"), *SHORT], run=False).model.state_dict()
+    mmkd_fit(config, *common, *DDP, "--data.init_args.batch_size=32", "--trainer.callbacks.init_args.dirpath=ddp")
+    mmkd_fit(config, *common, "--data.init_args.batch_size=64", "--trainer.callbacks.init_args.dirpath=single")
+    mmkd_fit(config, *common, *FSDP2_SINGLE_FILE, "--data.init_args.batch_size=32", "--trainer.callbacks.init_args.dirpath=fsdp2")
+    # The README's multi-node commands, as two nodes of one process each on loopback: the same
+    # config with --trainer.num_nodes=2, launched by torchrun, then as SLURM tasks (srun's variables).
+    two_nodes = [MMKD, "fit", "-c", str(CONFIGS / config), *SHORT, *common, "--data.init_args.batch_size=32",
+                 "--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=1", "--trainer.num_nodes=2"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    launch_nodes([[*torchrun, f"--node_rank={node}", *two_nodes, "--trainer.callbacks.init_args.dirpath=torchrun"] for node in (0, 1)], [{}, {}])
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mmkd", "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_NODELIST": "127.0.0.1", "SLURM_LOCALID": "0", "MASTER_PORT": str(free_port())}  # fmt: skip
+    tasks = [slurm | {"SLURM_PROCID": str(node), "SLURM_NODEID": str(node)} for node in (0, 1)]
+    launch_nodes([[*two_nodes, "--trainer.callbacks.init_args.dirpath=slurm"]] * 2, tasks)
+
+    ddp, single = weights("ddp/last.ckpt"), weights("single/last.ckpt")
+    initial = lightning_cli(["-c", str(CONFIGS / config), *SHORT], run=False).model.state_dict()
     assert any(not torch.equal(single[k], initial[k]) for k in single)  # it trained
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
-    assert set(ddp) == set(fsdp2)  # FSDP2 keeps the parameter names
-    for key in ddp:
-        torch.testing.assert_close(fsdp2[key], ddp[key], rtol=1e-4, atol=1e-6, msg=key)
+    for launched in ("fsdp2", "torchrun", "slurm"):
+        other = weights(f"{launched}/last.ckpt")
+        assert set(other) == set(ddp), launched  # FSDP2 keeps the parameter names
+        for key in ddp:
+            torch.testing.assert_close(other[key], ddp[key], rtol=1e-4, atol=1e-6, msg=f"{launched}: {key}")
 
 
 @pytest.mark.slow
