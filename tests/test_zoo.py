@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,10 +15,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.detection import MeanAveragePrecision
 
 from mmkd import zoo
 from mmkd.cli import main
+from mmkd.data.detection import detection_predictions, detection_targets
 from mmkd.models import timm_model
+
+from conftest import REPO  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tools"))
+import compose_detection  # noqa: E402
 
 
 class Files(BaseHTTPRequestHandler):
@@ -78,18 +86,29 @@ def cached_files(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "cache" / "zoo").glob("*") if p.is_file())
 
 
-def test_repository_students_load_and_score_their_recorded_accuracy(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repository_students_load_and_score_their_recorded_metrics(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMKD_CACHE", str(tmp_path / "cache"))  # nothing cached: read from model_zoo/files
     for name, entry in zoo.entries().items():
         assert entry["sha256"] and entry["size"] and entry["licence"] and entry["metrics"]["command"]
-        data = zoo.evaluation_data(name, root=str(data_root), batch_size=500)
-        data.setup("test")
         model = zoo.load(name)
-        accuracy = MulticlassAccuracy(10, average="micro")
+        if "test/map" in entry["metrics"]:  # a detector, measured on the composed scenes' test split
+            # every scene is a function of (seed, split, index): the 500 test scenes alone are the same
+            scenes = compose_detection.compose(tmp_path / "fmnist-det", data_root / "fashion-mnist", {"test": 500})
+            data, metric = zoo.evaluation_data(name, root=str(scenes), batch_size=100), MeanAveragePrecision(backend="pycocotools")
+
+            def update(batch: dict, outputs: dict) -> None:
+                sizes = torch.stack([target["orig_size"] for target in batch["targets"]])
+                metric.update(detection_predictions(outputs["pred_logits"], outputs["pred_boxes"], sizes), detection_targets(batch["targets"]))
+
+            key, value = "test/map", lambda: metric.compute()["map"]
+        else:
+            data, metric = zoo.evaluation_data(name, root=str(data_root), batch_size=500), MulticlassAccuracy(10, average="micro")
+            update, key, value = (lambda batch, logits: metric.update(logits, batch["label"])), "test/acc", lambda: metric.compute()
+        data.setup("test")
         with torch.no_grad():
             for batch in data.test_dataloader():
-                accuracy.update(model(batch[entry.get("input_key", "image")]), batch["label"])
-        assert float(accuracy.compute()) == pytest.approx(entry["metrics"]["test/acc"], abs=1e-4), name
+                update(batch, model(batch[entry.get("input_key", "image")]))
+        assert float(value()) == pytest.approx(entry["metrics"][key], abs=1e-4), name
     assert cached_files(tmp_path) == []  # the repository's files were used where they are
 
 

@@ -90,8 +90,10 @@ def main() -> None:
     models = json.loads(manifest.read_text())["models"] if manifest.is_file() else []
     models = [m for m in models if m["name"] != args.name] + [entry]
     manifest.write_text(json.dumps({"models": models}, indent=2) + "\n")
-    print(f"wrote {path} ({entry['size']} bytes) and the entry {args.name} in {manifest}: test/acc {entry['metrics'].get('test/acc')}")
-    torch.testing.assert_close(zoo.load(args.name)(torch.zeros(1, *entry["input_shape"])), student(torch.zeros(1, *entry["input_shape"])))
+    measured = ", ".join(f"{key} {value:.4f}" for key, value in entry["metrics"].items() if key != "command")
+    print(f"wrote {path} ({entry['size']} bytes) and the entry {args.name} in {manifest}: {measured}")
+    example = torch.zeros(1, *entry["input_shape"])
+    torch.testing.assert_close(zoo.load(args.name)(example), student(example))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ class DFine(TrainingModule):
         **kwargs: optimisation keys of :class:`~mmkd.core.classifier.TrainingModule`.
     """
 
+    input_key = "image"  # the detector's input in a batch (export and the zoo read it)
+
     def __init__(
         self,
         model: nn.Module,

@@ -374,6 +374,8 @@ class DFineDecoder(nn.Module):
             logits_all.append(logits)
             boxes_all.append(boxes)
 
+        if not self.training:  # as the official decoder: the training outputs only while training
+            return {"pred_logits": logits_all[-1], "pred_boxes": boxes_all[-1]}
         teacher_corners = corners_all[-1].detach() if fdr else None
         teacher_logits = logits_all[-1].detach() if fdr else None
         aux_outputs = [
@@ -391,7 +393,8 @@ class DFineDecoder(nn.Module):
 class DFineDetector(nn.Module):
     """A compact D-FINE: timm backbone, light hybrid encoder, DETR decoder with FDR.
 
-    ``forward(images [B, 3, H, W])`` returns, in train and eval mode (boxes normalised cxcywh):
+    ``forward(images [B, 3, H, W])`` returns in training mode (boxes normalised cxcywh), and in
+    eval mode only ``pred_logits`` and ``pred_boxes``, as the official decoder (and the ONNX graph):
 
     - ``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]``: the last decoder layer.
     - ``pred_corners [B, Q, 4*(reg_max+1)]``: its edge-distribution logits (left, top, right, bottom).
