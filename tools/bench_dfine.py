@@ -36,6 +36,15 @@ def execute(key: str, run: Run, args: argparse.Namespace) -> dict:
     return seeded_run(run.name, run.config, f"{args.workdir}/{key}", run.seed, run.epochs, overrides)
 
 
+def val_map_curve(run_dir: str) -> list[float]:
+    """The run's validation mAP after each epoch, from its CSV log (the newest, if it ran again)."""
+    import csv
+
+    log = max(Path(run_dir).glob("logs/*/version_*/metrics.csv"), key=lambda path: path.stat().st_mtime)
+    with log.open() as f:
+        return [float(row["val/map"]) for row in csv.DictReader(f) if row.get("val/map")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, out="bench/dfine_fmnist_det.json", workdir="runs/bench_dfine")
@@ -58,7 +67,8 @@ def main() -> None:
     for name in VARIANTS:
         per_seed = [done[f"seed{seed}/{name}"] for seed in args.seeds]
         summary[name] = {metric: statistics.mean(r[metric] for r in per_seed) for metric in METRICS}
-        summary[name] |= {"test/map_per_seed": [r["test/map"] for r in per_seed], "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in per_seed)}
+        summary[name] |= {"test/map_per_seed": [r["test/map"] for r in per_seed], "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in per_seed),
+                          "val/map_by_epoch_per_seed": [val_map_curve(f"{args.workdir}/seed{seed}/{name}") for seed in args.seeds]}
     record = {
         "benchmark": "D-FINE ablation on composed Fashion-MNIST scenes (test split, COCO mAP, final weights)",
         "command": "python " + " ".join(sys.argv), "config": args.config, "seeds": args.seeds, "summary": summary, "runs": done,
@@ -72,6 +82,9 @@ def main() -> None:
         per_seed = ", ".join(f"{100 * v:.1f}" for v in row["test/map_per_seed"])
         cells = " | ".join(f"{100 * row[m]:.1f}" if row[m] >= 0 else "n/a" for m in METRICS[1:])  # -1: no such objects
         print(f"| {name} | {100 * row['test/map']:.1f} | {per_seed} | {cells} |")
+    print("\nvalidation mAP by epoch (mean of the seeds):")
+    for name, row in summary.items():
+        print(f"  {name:10s} " + " ".join(f"{100 * statistics.mean(epoch):5.1f}" for epoch in zip(*row["val/map_by_epoch_per_seed"])))
     print(f"\nwrote {args.out}")
 
 
