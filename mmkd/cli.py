@@ -247,11 +247,11 @@ def zoo_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(list(argv))
     try:
         if args.command == "list":
-            print(f"{'name':32} {'distiller':10} {'test acc':>9} {'size':>9}  architecture")
+            print(f"{'name':32} {'distiller':10} {'test metric':>15} {'size':>9}  architecture")
             for name, entry in zoo.entries().items():
-                accuracy = entry["metrics"].get("test/acc")
-                accuracy = f"{100 * accuracy:.2f} %" if accuracy is not None else "-"
-                print(f"{name:32} {entry['distiller']:10} {accuracy:>9} {entry['size'] / 2**10:>6.0f} KiB  {entry['architecture_summary']}")
+                metric = next(((label, entry["metrics"][key]) for key, label in (("test/acc", "acc"), ("test/map", "mAP")) if key in entry["metrics"]), None)
+                metric = f"{metric[0]} {100 * metric[1]:.2f} %" if metric else "-"
+                print(f"{name:32} {entry['distiller']:10} {metric:>15} {entry['size'] / 2**10:>6.0f} KiB  {entry['architecture_summary']}")
         elif args.command == "info":
             print(json.dumps(zoo.info(args.name), indent=2))
         elif args.command == "download":

@@ -1,8 +1,9 @@
 """`mmkd export`: students to ONNX, run with onnxruntime against PyTorch; DHO's head mix and
-G2SD's mean of heads inside the exported graph."""
+G2SD's mean of heads inside the exported graph; a detector's two outputs."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import onnxruntime
@@ -16,7 +17,10 @@ from mmkd.distillers.dho import mix_log_probs
 from mmkd.export import export_onnx, onnx_max_difference
 from mmkd.models import DistilledViT, timm_model
 
-from conftest import CONFIGS, SHORT  # noqa: E402
+from conftest import CONFIGS, REPO, SHORT  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tools"))
+import compose_detection  # noqa: E402
 
 
 def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -49,6 +53,19 @@ def test_export_of_a_zoo_student_takes_its_own_input(data_root: Path, capsys: py
     assert exit_.value.code == 2 and "no zoo model named 'fmnist-resnet10t'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "--zoo", "fmnist-resnet10t-kd", "-c", str(CONFIGS / "kd/fmnist_kd.yaml")])
+
+
+def test_export_of_the_zoo_detector_has_one_output_per_prediction(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    # its evaluation data is the composed scenes at the default root: a few validation scenes there
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "fashion-mnist").symlink_to(data_root / "fashion-mnist")
+    compose_detection.compose(tmp_path / "data" / "fmnist-det", data_root / "fashion-mnist", {"val": 8})
+    monkeypatch.setenv("MMKD_DATA", str(tmp_path / "data"))
+    main(["export", "--zoo", "fmnist-det-dfine", "--out", "detector.onnx"])  # checked against PyTorch on those scenes
+    assert "max |diff|" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession("detector.onnx", providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes"]
 
 
 def test_dho_mix_is_in_the_exported_graph() -> None:

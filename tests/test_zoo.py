@@ -170,6 +170,7 @@ def test_zoo_command(capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch:
     main(["zoo", "list"])
     listed = capsys.readouterr().out
     assert all(name in listed for name in zoo.entries())
+    assert "acc 88.54 %" in listed and "mAP " in listed  # each entry with its own metric
     main(["zoo", "info", "fmnist-resnet10t-kd"])
     assert json.loads(capsys.readouterr().out)["distiller"] == "KD"
     main(["zoo", "verify"])
