@@ -4,7 +4,8 @@ ever unpickled).
 
 Where a file comes from, in order: the cache (``$MMKD_CACHE/zoo``, default ``~/.cache/mmkd/zoo``),
 the repository's ``model_zoo/files/`` (a source checkout works offline), then
-``$MMKD_ZOO_URL/<file>`` (or the entry's own ``url``). Downloads show a progress bar, resume a cut
+``$MMKD_ZOO_URL/<file>`` (or the entry's own ``url``; no public mirror is published yet, so
+without either a file outside the repository is an error that says so). Downloads show a progress bar, resume a cut
 transfer (the partial file waits in ``<cache>/.partial/``), and reach the cache only complete and
 verified (written by an atomic rename).
 """
@@ -25,7 +26,6 @@ from torch import nn
 from mmkd.core.checkpoint import sha256_file
 
 REPO_ZOO = Path(__file__).resolve().parents[1] / "model_zoo"
-DEFAULT_URL = "https://github.com/mmkd-project/mmkd/releases/download/zoo-v1"
 
 
 class ZooError(RuntimeError):
@@ -58,7 +58,14 @@ def info(name: str) -> dict[str, Any]:
 
 
 def _url(entry: dict[str, Any]) -> str:
-    return entry.get("url") or f"{os.environ.get('MMKD_ZOO_URL', DEFAULT_URL).rstrip('/')}/{entry['file']}"
+    if entry.get("url"):
+        return entry["url"]
+    base = os.environ.get("MMKD_ZOO_URL")
+    if not base:  # no public mirror is published yet: the repository's files are the zoo
+        raise ZooError(f"{entry['file']} of {entry['name']} is neither in {cache_dir()} nor in the repository's model_zoo/files/, "
+                       "and there is nowhere to download it from: set MMKD_ZOO_URL to the base URL of a mirror "
+                       "of the zoo files, or use a source checkout")  # fmt: skip
+    return f"{base.rstrip('/')}/{entry['file']}"
 
 
 def _download(url: str, target: Path, entry: dict[str, Any], progress: bool) -> None:

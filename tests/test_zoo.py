@@ -146,6 +146,9 @@ def test_missing_file_and_unreachable_server_are_clear_errors(server: str, stude
     with pytest.raises(zoo.ZooError, match="cannot reach http://127.0.0.1:9/tiny.safetensors.*Connection refused"):
         zoo.fetch("tiny", progress=False)
     assert cached_files(tmp_path) == []
+    monkeypatch.delenv("MMKD_ZOO_URL")
+    with pytest.raises(zoo.ZooError, match="tiny.safetensors of tiny is neither in .* nowhere to download it from: set MMKD_ZOO_URL"):
+        zoo.fetch("tiny", progress=False)
     with pytest.raises(zoo.ZooError, match="no zoo model named 'tinny'; close names: \\['tiny'\\]"):
         zoo.info("tinny")
 
