@@ -5,9 +5,9 @@ ever unpickled).
 Where a file comes from, in order: the cache (``$MMKD_CACHE/zoo``, default ``~/.cache/mmkd/zoo``),
 the repository's ``model_zoo/files/`` (a source checkout works offline), then
 ``$MMKD_ZOO_URL/<file>`` (or the entry's own ``url``; no public mirror is published yet, so
-without either a file outside the repository is an error that says so). Downloads show a progress bar, resume a cut
-transfer (the partial file waits in ``<cache>/.partial/``), and reach the cache only complete and
-verified (written by an atomic rename).
+without either a file outside the repository is an error that says so). Downloads show a
+progress bar, resume a cut transfer (the partial file waits in ``<cache>/.partial/``), and reach
+the cache only complete and verified (written by an atomic rename).
 """
 
 from __future__ import annotations
