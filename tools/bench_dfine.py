@@ -7,7 +7,8 @@ baseline, +FDR, and +FDR+GO-LSD (the paper's 53.0 -> 53.8 -> 54.5 AP on COCO), s
 
 The data set is composed first when --data does not hold it (tools/compose_detection.py, its
 default sizes and seed 0); the seed of a run is its training seed. Each run keeps its result in
-<workdir>/.../result.json, so an interrupted benchmark resumes.
+<workdir>/.../result.json, so an interrupted benchmark resumes; the work folder (default
+runs/bench_dfine/<config name>) and the JSON (bench/dfine_<config name>.json) are the config's own.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def val_map_curve(run_dir: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser, out="bench/dfine_fmnist_det.json", workdir="runs/bench_dfine")
+    add_run_arguments(parser, out=None, workdir=None)  # default: named after the config (results of one config are never reused for another)
     parser.add_argument("--data", default="runs/data/fmnist-det", help="the composed set (built here when missing)")
     parser.add_argument("--config", default="configs/dfine/fmnist_det_small.yaml", help="the +FDR+GO-LSD recipe; the other rows override it")
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
     args = parser.parse_args()
+    stem = Path(args.config).stem
+    args.out, args.workdir = args.out or f"bench/dfine_{stem}.json", args.workdir or f"runs/bench_dfine/{stem}"
     if not (Path(args.data) / "train" / "instances.json").is_file():
         import compose_detection
 

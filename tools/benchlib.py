@@ -91,7 +91,7 @@ def execute_all(runs: dict[str, Run], execute: Callable[[str, Run, object], dict
     return results
 
 
-def add_run_arguments(parser, out: str, workdir: str) -> None:
+def add_run_arguments(parser, out: str | None, workdir: str | None) -> None:
     """The options every fit-and-test benchmark takes."""
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed on a GPU")
