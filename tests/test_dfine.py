@@ -19,7 +19,7 @@ from mmkd.data.detection import CocoDetection, detection_predictions, detection_
 from mmkd.distillers.dfine import DFine  # noqa: E402
 from mmkd.models.detr import DFineDetector  # noqa: E402
 
-DFINE_RECIPES = {"dfine/fmnist_det.yaml"}
+DFINE_RECIPES = {"dfine/fmnist_det.yaml", "dfine/fmnist_det_small.yaml"}
 ABLATION = {
     "baseline": ["--model.init_args.model.init_args.box_head=direct", "--model.init_args.go_lsd=false"],
     "fdr": ["--model.init_args.go_lsd=false"],
@@ -44,6 +44,15 @@ def test_the_recipe_and_its_ablation_rows_train_and_report_coco_map(scenes: Path
     assert ("train/loss_ddf" in logged) == (variant == "fdr_golsd")
     [result] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert 0 <= result["test/map"] <= 1
+
+
+def test_the_cpu_scale_recipe_of_the_readme_table_trains(scenes: Path) -> None:
+    from mmkd.cli import lightning_cli
+
+    cli = lightning_cli(["fit", "-c", str(CONFIGS / "dfine/fmnist_det_small.yaml"), *SHORT, f"--data.init_args.root={scenes}",
+                         "--data.init_args.batch_size=4"])  # fmt: skip
+    assert {"train/loss_fgl", "train/loss_ddf", "val/map"} <= set(cli.trainer.callback_metrics)
+    assert sum(p.numel() for p in cli.model.model.parameters()) == 3_118_737  # the zoo's fmnist-det-dfine
 
 
 def test_go_lsd_needs_the_distribution_head() -> None:
