@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from mmkd.data.common import InMemoryDataModule, default_data_root
 from mmkd.data.idx import read_idx
-from mmkd.data.images import DIGIT_CLASSES, find_data_file
+from mmkd.data.images import DIGIT_CLASSES, digits_10k_files
 
 FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset"
 _RECORDING_NAME = re.compile(r"(\d)_([A-Za-z0-9-]+)_(\d+)")
@@ -203,8 +203,7 @@ class AVMNISTDataModule(InMemoryDataModule):
 
     # -- files -----------------------------------------------------------------------------------
     def _files(self) -> tuple[Path, Path, list[Path]]:
-        images = find_data_file(self.root, ("mnist-10k",), "images-idx3-ubyte")
-        labels = find_data_file(self.root, ("mnist-10k",), "labels-idx1-ubyte")
+        images, labels = digits_10k_files(self.root)
         recordings = sorted((self.root / "fsdd" / "recordings").glob("*.wav"))
         missing = [name for name, found in (
             ("mnist-10k/images-idx3-ubyte.gz", images), ("mnist-10k/labels-idx1-ubyte.gz", labels),

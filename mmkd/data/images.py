@@ -27,6 +27,11 @@ def find_data_file(root: Path, folders: tuple[str, ...], name: str) -> Path | No
     return None
 
 
+def digits_10k_files(root: Path) -> tuple[Path | None, Path | None]:
+    """The images and labels IDX files of the 10,000 MNIST digits in ``root/mnist-10k/`` (None where missing)."""
+    return find_data_file(root, ("mnist-10k",), "images-idx3-ubyte"), find_data_file(root, ("mnist-10k",), "labels-idx1-ubyte")
+
+
 class IDXImageDataModule(InMemoryDataModule):
     """Base for 28x28 greyscale IDX datasets held in memory.
 
@@ -185,8 +190,7 @@ class MNISTDataModule(IDXImageDataModule):
         self.variant, self.test_size = variant, test_size
 
     def _digits_10k(self) -> tuple[Path, Path] | None:
-        images = find_data_file(self.root, ("mnist-10k",), "images-idx3-ubyte")
-        labels = find_data_file(self.root, ("mnist-10k",), "labels-idx1-ubyte")
+        images, labels = digits_10k_files(self.root)
         return (images, labels) if images and labels else None
 
     def _use_10k(self) -> bool:

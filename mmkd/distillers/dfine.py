@@ -109,12 +109,7 @@ class DFine(TrainingModule):
 
     # -- evaluation ----------------------------------------------------------------------------
     def _evaluate(self, batch: dict, metric: MeanAveragePrecision) -> None:
-        outputs = self.model(batch["image"])
-        sizes = torch.stack([target["orig_size"] for target in batch["targets"]]).to(batch["image"].device)
-        metric.update(
-            detection_predictions(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), sizes, self.max_detections),
-            detection_targets(batch["targets"]),
-        )
+        metric.update(self.predict_step(batch, 0), detection_targets(batch["targets"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.val_map)
@@ -135,6 +130,7 @@ class DFine(TrainingModule):
         self._log_map(self.test_map, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        """Detections per image (``boxes`` xyxy in pixels of the original image, ``scores``, ``labels``)."""
         outputs = self.model(batch["image"])
         sizes = torch.stack([target["orig_size"] for target in batch["targets"]]).to(batch["image"].device)
         return detection_predictions(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), sizes, self.max_detections)
