@@ -199,6 +199,7 @@ def export_main(argv: Sequence[str]) -> None:
     parser.add_argument("-c", "--config", help="the config the student was trained with")
     parser.add_argument("--ckpt_path", help="a checkpoint of that config (file or FSDP2 folder)")
     parser.add_argument("--zoo", metavar="NAME", help="a zoo model instead of a config and a checkpoint")
+    parser.add_argument("--data-root", default=None, help="with --zoo: the folder of its evaluation data (default: the data module's own)")
     parser.add_argument("--out", default=None, help="the .onnx file (default: CKPT_PATH or NAME with .onnx)")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference to PyTorch")
@@ -206,12 +207,15 @@ def export_main(argv: Sequence[str]) -> None:
     from_config = bool(args.config or args.ckpt_path)
     if bool(args.zoo) == from_config or (from_config and not (args.config and args.ckpt_path)):
         parser.error("give either -c CONFIG --ckpt_path CKPT or --zoo NAME")
+    if args.data_root and not args.zoo:
+        parser.error("--data-root goes with --zoo; with a config, override --data.init_args.root")
     try:
         if args.zoo:
             from mmkd import zoo
 
             student, key = zoo.load(args.zoo), zoo.info(args.zoo).get("input_key", "image")
-            datamodule, out = zoo.evaluation_data(args.zoo), args.out or f"{args.zoo}.onnx"
+            root = {"root": args.data_root} if args.data_root else {}
+            datamodule, out = zoo.evaluation_data(args.zoo, **root), args.out or f"{args.zoo}.onnx"
         else:
             cli = lightning_cli(["-c", args.config, *overrides], run=False)
             student, key, datamodule = student_from_checkpoint(cli.model.model, args.ckpt_path), cli.model.input_key, cli.datamodule

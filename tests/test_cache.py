@@ -11,6 +11,7 @@ import torch
 
 from mmkd.cli import lightning_cli, main
 from mmkd.core import TeacherCache, TeacherCacheError, build_teacher_cache
+from mmkd.data import MNISTDataModule
 from conftest import CONFIGS, SHORT
 
 MNIST = ["--data.class_path=mmkd.data.MNISTDataModule", "--data.init_args.batch_size=128", "--data.init_args.augment=false"]
@@ -51,7 +52,7 @@ def test_fit_with_cache_matches_fit_with_online_teacher(teacher_in_place: Path) 
         torch.testing.assert_close(weights["cached"][key], value, rtol=1e-3, atol=1e-4)
 
 
-def test_cache_is_refused_when_it_does_not_belong_to_the_run(teacher_in_place: Path, capsys) -> None:
+def test_cache_is_refused_when_it_does_not_belong_to_the_run(teacher_in_place: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     build(str(CONFIGS / "kd/fmnist_kd.yaml"), "kd_cache")  # logits only
 
     def fit(*extra: str) -> None:
@@ -68,6 +69,12 @@ def test_cache_is_refused_when_it_does_not_belong_to_the_run(teacher_in_place: P
     torch.save(other, "other_teacher.ckpt")
     with pytest.raises(TeacherCacheError, match="built from other teacher weights"):
         fit(*MNIST, "--model.init_args.teacher_cache=kd_cache", "--model.init_args.teacher.init_args.checkpoint=other_teacher.ckpt")
+    with pytest.raises(TeacherCacheError, match="does not match this run's data or transform: train_samples is 3000 in the cache and 7100 now"):
+        fit(*MNIST, "--model.init_args.teacher_cache=kd_cache", "--data.init_args.val_size=900")  # another split
+    with monkeypatch.context() as patch:  # another input normalisation: the teacher would see other inputs
+        patch.setattr(MNISTDataModule, "mean", 0.5)
+        with pytest.raises(TeacherCacheError, match=r"data or transform: normalize is \[0.1307, 0.3081\] in the cache and \[0.5, 0.3081\] now"):
+            fit(*MNIST, "--model.init_args.teacher_cache=kd_cache")
     with pytest.raises(TeacherCacheError, match=r"no teacher cache at missing \(meta.json missing\): build it with `mmkd cache"):
         fit(*MNIST, "--model.init_args.teacher_cache=missing")
     with pytest.raises(SystemExit):  # the command says why in one line

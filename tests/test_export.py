@@ -1,5 +1,6 @@
 """`mmkd export`: students to ONNX, run with onnxruntime against PyTorch; DHO's head mix and
-G2SD's mean of heads inside the exported graph; a detector's two outputs."""
+G2SD's mean of heads (the zoo's G2SD student's too) inside the exported graph; a detector's two
+outputs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from mmkd import zoo
 from mmkd.cli import lightning_cli, main
 from mmkd.distillers import DualHeadStudent
 from mmkd.distillers.dho import mix_log_probs
@@ -55,14 +57,21 @@ def test_export_of_a_zoo_student_takes_its_own_input(data_root: Path, capsys: py
         main(["export", "--zoo", "fmnist-resnet10t-kd", "-c", str(CONFIGS / "kd/fmnist_kd.yaml")])
 
 
-def test_export_of_the_zoo_detector_has_one_output_per_prediction(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    # its evaluation data is the composed scenes at the default root: a few validation scenes there
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "fashion-mnist").symlink_to(data_root / "fashion-mnist")
-    compose_detection.compose(tmp_path / "data" / "fmnist-det", data_root / "fashion-mnist", {"val": 8})
-    monkeypatch.setenv("MMKD_DATA", str(tmp_path / "data"))
-    main(["export", "--zoo", "fmnist-det-dfine", "--out", "detector.onnx"])  # checked against PyTorch on those scenes
+def test_export_of_the_zoo_g2sd_student_averages_its_heads(data_root: Path, capsys: pytest.CaptureFixture) -> None:
+    main(["export", "--zoo", "fmnist-vit-g2sd", "--data-root", str(data_root), "--out", "vit.onnx"])
+    assert "max |diff|" in capsys.readouterr().out
+    data = zoo.evaluation_data("fmnist-vit-g2sd", root=str(data_root))
+    data.setup("test")
+    images = next(iter(data.test_dataloader()))["image"][:64]
+    with torch.no_grad():
+        cls_logits, dist_logits = zoo.load("fmnist-vit-g2sd").forward_heads(images)
+    torch.testing.assert_close(run_onnx(Path("vit.onnx"), images), (cls_logits + dist_logits) / 2, rtol=1e-4, atol=1e-4)
+
+
+def test_export_of_the_zoo_detector_has_one_output_per_prediction(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # its evaluation data is composed scenes: a few validation scenes, in a folder given by --data-root
+    scenes = compose_detection.compose(tmp_path / "scenes", data_root / "fashion-mnist", {"val": 8})
+    main(["export", "--zoo", "fmnist-det-dfine", "--data-root", str(scenes), "--out", "detector.onnx"])  # checked against PyTorch there
     assert "max |diff|" in capsys.readouterr().out
     session = onnxruntime.InferenceSession("detector.onnx", providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes"]

@@ -1,6 +1,7 @@
 """The fused losses against the eager reference, forward and backward: the chunked torch path and
 the Triton kernels (in Triton's interpreter on CPU, on the GPU where there is one), fp32 and
-bf16, odd sizes, several blocks per row, non-contiguous inputs."""
+bf16, odd sizes, several blocks per row, non-contiguous inputs; the compiled path on a few of
+those cases."""
 
 from __future__ import annotations
 
@@ -108,14 +109,35 @@ def test_inputs_are_not_modified_and_no_grad_works(impl: str) -> None:
         assert fused_kd_loss(student, teacher, 4.0, impl=impl).item() == pytest.approx(kd_loss(student, teacher, 4.0).item(), rel=1e-5)
 
 
-def test_compiled_matches_reference() -> None:
+# torch.compile takes seconds per case on CPU: a few cases that cover both losses, both dtypes and
+# non-contiguous layouts, rather than the whole grid above
+COMPILED_CASES = {
+    "kd_fp32": (torch.float32, lambda: torch.randn(6, 10), lambda s, t: kd_loss(s, t, 2.0), lambda s, t: fused_kd_loss(s, t, 2.0, impl="compiled")),
+    "kd_reverse_bf16_transposed": (
+        torch.bfloat16, lambda: 3 * torch.randn(37, 5).t(),
+        lambda s, t: kd_loss(s, t, 2.0, True), lambda s, t: fused_kd_loss(s, t, 2.0, True, impl="compiled"),
+    ),
+    "smooth_l1_normalized_channels_last": (
+        torch.float32, FEATURE_SHAPES["channels_last"],
+        lambda p, t: feature_loss(p, t, "smooth_l1", True, beta=2.0), lambda p, t: fused_feature_loss(p, t, "smooth_l1", True, beta=2.0, impl="compiled"),
+    ),
+    "cosine_bf16_tokens_transposed": (
+        torch.bfloat16, FEATURE_SHAPES["tokens_transposed"],
+        lambda p, t: feature_loss(p, t, "cosine", False), lambda p, t: fused_feature_loss(p, t, "cosine", False, impl="compiled"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILED_CASES))
+def test_compiled_matches_reference(case: str) -> None:
     torch.manual_seed(4)
-    student, teacher = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10)
-    ref, (ref_grad,), fused, (fused_grad,) = reference_and_fused(
-        lambda s, t: kd_loss(s, t, 2.0), lambda s, t: fused_kd_loss(s, t, 2.0, impl="compiled"), [student, teacher]
-    )
-    assert fused.item() == pytest.approx(ref.item(), rel=1e-5)
-    close(fused_grad, ref_grad, 1e-5)
+    dtype, make, loss_ref, loss_compiled = COMPILED_CASES[case]
+    pred, target = make().to(dtype).requires_grad_(), (2 * make() + 1).to(dtype)
+    ref, (ref_grad,), fused, (fused_grad,) = reference_and_fused(loss_ref, loss_compiled, [pred, target])
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    assert fused.item() == pytest.approx(ref.item(), rel=loss_tol)
+    assert fused_grad.shape == pred.shape and fused_grad.dtype == dtype
+    close(fused_grad, ref_grad, grad_tol)
 
 
 def test_loss_modules_dispatch_and_agree() -> None:

@@ -18,14 +18,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.detection import MeanAveragePrecision
 
 from mmkd import zoo
-from mmkd.cli import main
+from mmkd.cli import lightning_cli, main
 from mmkd.data.detection import detection_predictions, detection_targets
 from mmkd.models import timm_model
 
-from conftest import REPO  # noqa: E402
+from conftest import CONFIGS, REPO, SHORT  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tools"))
 import compose_detection  # noqa: E402
+import zoo_publish  # noqa: E402
 
 
 class Files(BaseHTTPRequestHandler):
@@ -166,6 +167,27 @@ def test_a_pickle_is_never_unpickled(server: str, tmp_path: Path, monkeypatch: p
     with pytest.raises(zoo.ZooError, match="is not a safetensors file.*never unpickled"):
         zoo.load("tiny")
     assert not Path("pickle-payload-ran").exists()
+
+
+def test_publish_tool_writes_an_entry_that_rebuilds_the_student(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = str(CONFIGS / "g2sd/vit_alone.yaml")  # a timm ViT: jsonargparse fills in class objects as defaults
+    lightning_cli(["fit", "-c", config, *SHORT, "--trainer.callbacks.init_args.dirpath=vit"])
+    monkeypatch.setattr(zoo, "REPO_ZOO", tmp_path / "zoo")
+    monkeypatch.setenv("MMKD_ZOO_MANIFEST", str(tmp_path / "zoo" / "manifest.json"))
+    monkeypatch.setenv("MMKD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["zoo_publish.py", "--name", "vit-3-steps", "-c", config, "--ckpt", "vit/last.ckpt", "--distiller", "none",
+                                      "--teacher", "none", "--data", "3 batches", "--summary", "a ViT", "--trainer.limit_test_batches=2"])  # fmt: skip
+    zoo_publish.main()  # ends by checking that zoo.load gives the checkpoint's outputs
+    entry = zoo.info("vit-3-steps")
+    path = tmp_path / "zoo" / "files" / "vit-3-steps.safetensors"
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and entry["size"] == path.stat().st_size
+    assert entry["params"] == 116938 and 0.0 <= entry["metrics"]["test/acc"] <= 1.0
+    assert entry["metrics"]["command"].startswith(f"mmkd test -c {config} --ckpt_path vit/last.ckpt")
+    assert "embed_layer" not in entry["architecture"]["init_args"] and entry["architecture"]["init_args"]["embed_dim"] == 48
+    assert "root" not in entry["evaluation_data"]["init_args"]  # no local paths
+    vit = {"class_path": "timm.models.vision_transformer.VisionTransformer", "init_args": {"embed_layer": torch.nn.Identity}}
+    with pytest.raises(ValueError, match="embed_layer=.*Identity.*a Python object, not a default"):
+        zoo_publish.portable(vit)
 
 
 def test_zoo_command(capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,8 @@ name is replaced.
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import shlex
 import sys
@@ -26,13 +28,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 WEIGHT_KEYS = ("checkpoint", "encoder_checkpoint", "pretrained")
 
 
+def plain(value) -> bool:
+    """Whether ``value`` is plain JSON data (no classes, functions or other Python objects)."""
+    if isinstance(value, dict):
+        return all(plain(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def without_object_defaults(spec: dict) -> dict:
+    """A class spec without the init arguments that are Python objects left at their defaults
+    (jsonargparse fills in every default, e.g. timm's ``embed_layer=PatchEmbed``): the class
+    supplies them again when the zoo builds it. An object set to anything else cannot be written
+    to the manifest, and that is an error."""
+    module_name, _, attribute = spec["class_path"].rpartition(".")
+    defaults = {name: p.default for name, p in inspect.signature(getattr(importlib.import_module(module_name), attribute)).parameters.items()}
+    init_args = {}
+    for key, value in spec.get("init_args", {}).items():
+        if plain(value) or (isinstance(value, dict) and "class_path" in value):
+            init_args[key] = value
+        elif key not in defaults or defaults[key] is not value:
+            raise ValueError(f"{spec['class_path']}({key}={value!r}): a Python object, not a default; the zoo manifest holds JSON specs only")
+    return {**spec, "init_args": init_args}
+
+
 def portable(spec):
     """A config spec as plain JSON, without local weight paths."""
     if isinstance(spec, dict):  # jsonargparse records the files a spec was read from as __path__
+        if "class_path" in spec:
+            spec = without_object_defaults(spec)
         return {k: (None if k in WEIGHT_KEYS and isinstance(v, str) else portable(v)) for k, v in spec.items() if k != "__path__"}
     if isinstance(spec, (list, tuple)):
         return [portable(v) for v in spec]
-    return spec if spec is None or isinstance(spec, (bool, int, float, str)) else str(spec)
+    if not plain(spec):
+        raise ValueError(f"{spec!r} is a Python object; the zoo manifest holds JSON specs only")
+    return spec
 
 
 def main() -> None:
