@@ -202,6 +202,7 @@ def test_layer_decay_puts_the_distillation_token_and_heads_in_the_top_group() ->
     assert lr_of[id(params["dist_token"])] == (1.0, 0.0)  # a token: no weight decay
     assert lr_of[id(params["head_dist.weight"])] == (1.0, 0.05)
     assert lr_of[id(params["encoder.blocks.0.norm1.weight"])] == (0.25, 0.0)
+    assert lr_of[id(params["encoder.norm.weight"])] == (1.0, 0.0)  # MAE's lr_decay: after the blocks = top
 
 
 def test_mixup_makes_soft_targets_and_distillers_without_support_refuse_it() -> None:

@@ -170,6 +170,23 @@ class DHO(Distiller):
     (single-head KD); ``kd_weight=0`` trains the CE head on the labels alone. In both only the
     CE head learns, and inference uses it alone (alpha = 1).
 
+    Differences from the official code:
+
+    - The teacher sees the student's view resized to its own resolution. The official script
+      takes one random crop at the teacher's resolution and resizes that crop to both sizes, so
+      its teacher gets more detail when the source images are larger than the student's input
+      (224 vs 378 px on ImageNet). On 28-px Fashion-MNIST both are resamplings of the same 28-px
+      crop. For large images, give the teacher its own view: a data module that adds a
+      teacher-resolution copy of each crop under another key, read with ``teacher_input_key``.
+    - The learning-rate schedule is warm-up then cosine to 0 (``warmup_epochs``). The official
+      ``ChainedScheduler`` multiplies the two from step 0, so its cosine starts lower and ends
+      early.
+    - :class:`DualHeadStudent`'s default KD head is the semi-supervised ImageNet script's cosine
+      head (×100), which that script pairs with heads initialised from the student CLIP's text
+      embeddings. Its k-shot scripts give randomly initialised heads a plain linear KD head
+      (``kd_normalize=False``), and with a student trained from scratch that pairing scored higher
+      here (the README's DHO section).
+
     Args:
         student: a :class:`DualHeadStudent`.
         teacher: a ``Teacher`` around a :class:`~mmkd.models.clip.ZeroShotClassifier` (or any

@@ -20,8 +20,9 @@ class ImageAdapter(nn.Module):
     model's ``mean``/``std``.
 
     Applied to the batch the student sees, it gives the teacher the *same* (randomly cropped,
-    flipped) image at its own resolution, as DHO's training script does with one crop resized
-    twice. The data's normalisation (``input_mean``/``input_std``) may be set later with
+    flipped) image at its own resolution. DHO's training script instead resizes one crop, taken
+    at the teacher's resolution, to both sizes: the same view, but with the source's detail
+    where the source is larger than the student's input (see :class:`~mmkd.distillers.DHO`). The data's normalisation (``input_mean``/``input_std``) may be set later with
     :meth:`set_input_normalization` (distillers take it from the data module at setup); nothing
     here is a buffer, so a teacher's weight fingerprint does not depend on it.
 

@@ -6,7 +6,7 @@ concatenates the two trunks. Layers that MST-Distill masks are modules of their 
 Differences from the official ``models/CNNs.py`` / ``LeNet5.py`` (their inputs are 112x112
 spectrograms, ours are ``n_mels x frames``, 32x32 by default): the audio CNN ends in global
 average pooling instead of a 128x14x14 flatten, and the fusion net's audio trunk is that CNN
-(128 features) instead of a five-layer CNN (512). Widths are arguments.
+(64 features with the default ``audio_channels``) instead of a five-layer CNN (512). Widths are arguments.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ Deviations from D-FINE (the official ``DFINETransformer``/``HybridEncoder``):
 - The encoder is one AIFI layer plus one 3x3 conv block per FPN/PAN step (no GELAN/CSP blocks,
   no SCDown); the AIFI position embedding uses normalised cell centres.
 - No contrastive denoising (CDN) queries, so no ``dn_*`` outputs.
-- In eval mode every decoder layer's heads still run and the aux outputs are returned (D-FINE
-  stops at ``eval_idx`` and returns only the last layer), so losses can be computed in
-  validation too.
+- In eval mode every decoder layer still runs (D-FINE stops at ``eval_idx``, by default the last
+  layer, so the outputs are the same) and, as in D-FINE, only the last layer's ``pred_logits`` and
+  ``pred_boxes`` are returned.
 - ``teacher_corners``/``teacher_logits`` in the aux outputs are detached (the official model
   passes them as they are and the DDF loss detaches them).
 """

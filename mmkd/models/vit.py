@@ -66,12 +66,12 @@ class DistilledViT(nn.Module):
         cls_logits, dist_logits = self.forward_heads(images)
         return (cls_logits + dist_logits) / 2
 
-    # -- timm's optimiser hooks (layer decay): the token and its head belong to the top layer --
+    # -- timm's optimiser hooks (layer decay): the final norm, the token and the heads are left
+    # unmatched, so they form the top group (scale 1), as MAE's lr_decay.get_layer_id_for_vit puts
+    # everything after the blocks at num_layers; timm's own ViT matcher joins the final norm to the
+    # last block instead (scale 0.75 at layer_decay 0.75)
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
-            blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
-        )
+        return dict(stem=r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)", blocks=r"^encoder\.blocks\.(\d+)")
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder.pos_embed", "encoder.cls_token", "dist_token"}
