@@ -169,7 +169,7 @@ def cache_main(argv: Sequence[str]) -> None:
 def consolidate_main(argv: Sequence[str]) -> None:
     import torch
 
-    from mmkd.core.checkpoint import consolidated_checkpoint
+    from mmkd.core.checkpoint import read_checkpoint
 
     parser = argparse.ArgumentParser(
         prog="mmkd consolidate",
@@ -182,12 +182,21 @@ def consolidate_main(argv: Sequence[str]) -> None:
     if not (Path(args.folder) / ".metadata").is_file():
         print(f"mmkd: error: {args.folder} is not a distributed checkpoint folder (no .metadata inside)", file=sys.stderr)
         raise SystemExit(2)
-    out = args.out or f"{args.folder.rstrip('/')}.consolidated.ckpt"
-    torch.save(consolidated_checkpoint(args.folder), out)
+    out = Path(args.out or f"{args.folder.rstrip('/')}.consolidated.ckpt")
+    try:
+        checkpoint = read_checkpoint(args.folder)
+    except RuntimeError as err:  # shards missing or cut short
+        print(f"mmkd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    staged = out.with_name(f".{out.name}.tmp")
+    torch.save(checkpoint, staged)
+    staged.replace(out)  # an existing file stays whole until the new one is
     print(f"wrote {out}")
 
 
 def export_main(argv: Sequence[str]) -> None:
+    from torch import nn
+
     from mmkd.export import export_onnx, onnx_max_difference, student_from_checkpoint
 
     parser = argparse.ArgumentParser(
@@ -218,6 +227,11 @@ def export_main(argv: Sequence[str]) -> None:
             datamodule, out = zoo.evaluation_data(args.zoo, **root), args.out or f"{args.zoo}.onnx"
         else:
             cli = lightning_cli(["-c", args.config, *overrides], run=False)
+            if not isinstance(getattr(cli.model, "model", None), nn.Module) or not hasattr(cli.model, "input_key"):
+                raise ValueError(
+                    f"{type(cli.model).__name__} has no student network to export (G2SD's generic stage writes its "
+                    "encoder to export_dir; export the student of a classification or detection config)"
+                )
             student, key, datamodule = student_from_checkpoint(cli.model.model, args.ckpt_path), cli.model.input_key, cli.datamodule
             out = args.out or f"{str(args.ckpt_path).rstrip('/')}.onnx"
     except (FileNotFoundError, RuntimeError, ValueError) as err:  # missing or corrupt weights, unknown zoo names
@@ -229,12 +243,22 @@ def export_main(argv: Sequence[str]) -> None:
     datamodule.prepare_data()
     datamodule.setup("validate")
     batch = next(iter(datamodule.val_dataloader()))[key][:8]
-    out = export_onnx(student, batch, out, args.opset, input_name=key)
-    difference = onnx_max_difference(student, out, [batch, batch[:1]])
+    out = Path(out)
+    staged = out.with_name(f".{out.name}.unchecked")  # replaces `out` only once it passed the check
+    try:
+        export_onnx(student, batch, staged, args.opset, input_name=key)
+        difference = onnx_max_difference(student, staged, [batch, batch[:1]])
+        if difference > args.atol:
+            print(f"mmkd: error: the ONNX model differs from PyTorch by {difference:.2e} > --atol {args.atol}; "
+                  f"{out} was not written", file=sys.stderr)  # fmt: skip
+            raise SystemExit(1)
+        staged.replace(out)
+    except ValueError as err:  # a model whose outputs are not predictions
+        print(f"mmkd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        staged.unlink(missing_ok=True)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB); onnxruntime vs PyTorch on a validation batch: max |diff| = {difference:.2e}")
-    if difference > args.atol:
-        print(f"mmkd: error: the ONNX model differs from PyTorch by {difference:.2e} > --atol {args.atol}", file=sys.stderr)
-        raise SystemExit(1)
 
 
 def zoo_main(argv: Sequence[str]) -> None:
@@ -288,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as err:
         print(f"mmkd: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except _user_errors() as err:  # mmkd's own errors say what is wrong and what to do: no traceback
+        if os.environ.get("MMKD_TRACEBACK") == "1":
+            raise
+        print(f"mmkd: error: {err} (MMKD_TRACEBACK=1 shows where)", file=sys.stderr)
+        raise SystemExit(2) from None
     except RuntimeError as err:
         if not _lost_a_peer(err):
             raise
@@ -299,6 +328,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(1) from None
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors about the user's input (data, shapes, module paths, caches, a diverging loss) that
+    mmkd raises while a run sets up or trains, each with a message that names the fix."""
+    from mmkd.core import NonFiniteLossError, TeacherCacheError, UnknownModulePathError
+    from mmkd.core.classifier import DataMismatchError
+    from mmkd.heads import ShapeMismatchError
+
+    return (DataMismatchError, FileNotFoundError, NonFiniteLossError, ShapeMismatchError, TeacherCacheError, UnknownModulePathError)
 
 
 def _lost_a_peer(err: RuntimeError) -> bool:

@@ -32,6 +32,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     tmp = path.with_name(f".{path.name}.tmp")
     model = model.eval()
     outputs = model(example)
+    tensors = outputs.values() if isinstance(outputs, dict) else [outputs]
+    if not all(isinstance(value, torch.Tensor) for value in tensors):
+        raise ValueError(
+            f"{type(model).__name__} returns {type(outputs).__name__}, not a tensor or a dict of tensors: export takes "
+            "students whose forward returns predictions (a classifier's logits, a detector's boxes and scores)"
+        )
     output_names = list(outputs) if isinstance(outputs, dict) else ["output"]
     batch = torch.export.Dim("batch", min=1)
     for name in ("torch.onnx", "onnxscript"):  # the exporter narrates every pass at INFO

@@ -4,7 +4,9 @@ is :class:`FSDP2`, registered here under that name."""
 from __future__ import annotations
 
 import re
-from typing import Iterator
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
 
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
@@ -30,6 +32,38 @@ class FSDP2(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # Lightning's "auto" means num_nodes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None) -> None:
+        """Lightning's save, made atomic for folders of shards: every process writes into a hidden
+        folder beside the target, which rank 0 then swaps in by two renames. A process killed
+        while saving leaves the previous checkpoint whole (Lightning writes the shards into the
+        existing folder). Should a kill fall between the two renames, the previous checkpoint
+        waits as ``.NAME.old`` and the next save puts it back first."""
+        if not self._save_distributed_checkpoint or "://" in str(filepath):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staged, old = path.with_name(f".{path.name}.saving"), path.with_name(f".{path.name}.old")
+        if self.global_rank == 0:
+            if old.exists() and not path.exists():
+                old.rename(path)
+            _remove(staged)
+            _remove(old)
+        self.barrier("mmkd_checkpoint_staging")
+        super().save_checkpoint(checkpoint, staged, storage_options)
+        self.barrier("mmkd_checkpoint_written")
+        if self.global_rank == 0:
+            if path.exists():
+                path.rename(old)
+            staged.rename(path)
+            _remove(old)
+        self.barrier("mmkd_checkpoint_saved")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def shard_units(root: nn.Module) -> Iterator[nn.Module]:

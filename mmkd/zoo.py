@@ -45,7 +45,13 @@ def entries() -> dict[str, dict[str, Any]]:
     path = manifest_path()
     if not path.is_file():
         raise ZooError(f"zoo manifest not found at {path}; set MMKD_ZOO_MANIFEST or use a source checkout")
-    return {entry["name"]: entry for entry in json.loads(path.read_text())["models"]}
+    try:
+        return {entry["name"]: entry for entry in json.loads(path.read_text())["models"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ZooError(
+            f"zoo manifest {path} is not a valid manifest ({type(err).__name__}: {err}); restore it "
+            "(git checkout model_zoo/manifest.json) or point MMKD_ZOO_MANIFEST at a valid one"
+        ) from None
 
 
 def info(name: str) -> dict[str, Any]:
@@ -74,6 +80,9 @@ def _download(url: str, target: Path, entry: dict[str, Any], progress: bool) -> 
     partial = target.parent / ".partial" / target.name
     partial.parent.mkdir(parents=True, exist_ok=True)
     have = partial.stat().st_size if partial.exists() else 0
+    if have > entry["size"]:  # left from another version of the file (the entry was republished): start over
+        partial.unlink()
+        have = 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=30)

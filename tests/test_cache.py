@@ -102,6 +102,11 @@ def test_corrupt_or_interrupted_cache_is_reported(teacher_in_place: Path, monkey
     with pytest.raises(KeyboardInterrupt):
         build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False)
     assert not Path("interrupted").exists() and not list(Path(".").glob(".interrupted*"))
+    Path(".interrupted.tmp-99999").mkdir()  # what a killed build (no exception handler ran) leaves
+    (Path(".interrupted.tmp-99999") / "logits.npy").write_bytes(b"half")
+    build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False)  # (the stand-in forward answers now)
+    build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False, overwrite=True)
+    assert TeacherCache("interrupted").meta["num_samples"] == 3000 and not list(Path(".").glob(".interrupted*"))
 
 
 def test_topk_keeps_the_largest_logits_and_the_tail_mass(teacher_in_place: Path) -> None:

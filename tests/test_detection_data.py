@@ -212,6 +212,12 @@ def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(f"{folder / 'instances.json'} is not valid JSON")):
         CocoDetection(folder)
 
+    folder = _write_coco(tmp_path / "cut")
+    png = (folder / "images/a.png").read_bytes()
+    (folder / "images/a.png").write_bytes(png[: len(png) // 2])
+    with pytest.raises(OSError, match="cannot read image .*a.png .*corrupt or cut short"):
+        CocoDetection(folder, preload=True)
+
     folder = _write_coco(tmp_path / "outside", bbox=[17, 3, 4, 5])  # 17 + 4 > 20
     with pytest.raises(ValueError, match=r"annotation 1 has bbox .* outside its image images/a.png \(20x10\)"):
         CocoDetection(folder)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mmkd.cli import lightning_cli
-from mmkd.core import Teacher
+from mmkd.core import Classifier, Teacher
 from mmkd.data import FashionMNISTDataModule, SemiSupervisedDataModule, balanced_labeled_split
 from mmkd.distillers import DHO, DualHeadStudent, dual_head_clip_student
 from mmkd.distillers.dho import mix_log_probs, search_mix
@@ -208,6 +208,21 @@ def test_dho_refuses_a_plain_student_and_a_teacher_cache(clip_file: Path) -> Non
         DHO(timm_model("resnet10t"), teacher)
     with pytest.raises(ValueError, match="teacher-output cache would be stale"):
         DHO(student(), teacher, teacher_cache="cache")
+    with pytest.raises(ValueError, match=r"needs 0 <= alpha <= 1 and beta > 0, got alpha=1.5, beta=0.5"):
+        student(alpha=1.5)  # the mix would score NaN
+    with pytest.raises(ValueError, match="got alpha=0.0, beta=0.0"):
+        DHO(student(), teacher, mix="search", beta_grid=[1.0, 0.0])
+
+
+def test_dho_and_other_modules_refuse_the_other_kind_of_data_module(clip_file: Path, data_root: Path) -> None:
+    Path("runs/dho").mkdir(parents=True)
+    Path("runs/dho/clip_fmnist.safetensors").write_bytes(clip_file.read_bytes())
+    cli = lightning_cli(["-c", str(CONFIGS / "dho/fmnist.yaml"), *SHORT], run=False)
+    with pytest.raises(ValueError, match="DHO trains on labelled \\+ unlabelled batches, but FashionMNISTDataModule .*SemiSupervisedDataModule"):
+        cli.trainer.fit(cli.model, datamodule=FashionMNISTDataModule(root=str(data_root)))
+    classifier = Classifier(timm_model("resnet10t", num_classes=10, in_chans=1))
+    with pytest.raises(ValueError, match="Classifier trains on labelled batches; .* are for DHO: give the data module it wraps"):
+        cli.trainer.fit(classifier, datamodule=cli.datamodule)
 
 
 # -- the shipped recipe -----------------------------------------------------------------------

@@ -121,13 +121,17 @@ def test_teacher_unchanged_and_not_in_student_checkpoint(teacher_in_place: Path)
                        "--ckpt_path=runs/students/fmnist_fitnets/last.ckpt"])  # fmt: skip
 
 
-def test_nan_loss_stops_training_with_the_term_name(teacher_in_place: Path) -> None:
+def test_nan_loss_stops_training_with_the_term_name(teacher_in_place: Path, capsys) -> None:
     broken = torch.load(teacher_in_place, weights_only=True)
     broken["state_dict"]["model.fc.weight"][0, 0] = float("nan")
     torch.save(broken, "nan_teacher.ckpt")
+    args = ["fit", "-c", str(CONFIGS / "kd/fmnist_kd.yaml"), *SHORT, "--model.init_args.teacher.init_args.checkpoint=nan_teacher.ckpt"]
     with pytest.raises(NonFiniteLossError, match=r"term 'kd' = nan"):
-        lightning_cli(["fit", "-c", str(CONFIGS / "kd/fmnist_kd.yaml"), *SHORT,
-                       "--model.init_args.teacher.init_args.checkpoint=nan_teacher.ckpt"])  # fmt: skip
+        lightning_cli(args)
+    with pytest.raises(SystemExit) as exit_:  # the command line: the message alone, no traceback
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "mmkd: error: " in err and "term 'kd' = nan" in err and "Traceback" not in err
 
 
 def test_unknown_module_path_fails_at_setup_with_nearest_paths(teacher_in_place: Path, capsys) -> None:
@@ -149,6 +153,8 @@ def test_missing_teacher_weights_from_the_command_line(capsys) -> None:
 def test_shape_mismatch_without_head_names_both_shapes(teacher_in_place: Path) -> None:
     with pytest.raises(ShapeMismatchError, match=r"'hint'.*\[8, 4, 4\].*\[64, 4, 4\]"):
         lightning_cli(["fit", "-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT, "--model.init_args.head=identity"])
+    with pytest.raises(ShapeMismatchError, match=r"'kd': the student's logits are \[7\] and the teacher's \[10\]; .* check num_classes"):
+        lightning_cli(["fit", "-c", str(CONFIGS / "kd/fmnist_kd.yaml"), *SHORT, "--model.init_args.student.init_args.num_classes=7"])
 
 
 def test_fit_two_epochs_equals_one_plus_resume(teacher_in_place: Path) -> None:

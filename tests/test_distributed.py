@@ -4,6 +4,7 @@ subprocess): DDP with two CPU processes (gloo), and a run killed with SIGKILL th
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -180,9 +181,16 @@ def test_fsdp2_checkpoints_resume_and_load_into_one_process(teacher_in_place: Pa
     mmkd_fit("g2sd/vit_alone.yaml", *fsdp2, "--trainer.callbacks.init_args.dirpath=fsdp2")
     assert Path("fsdp2/last.ckpt/.metadata").is_file()  # a folder of shards
     mmkd_fit("g2sd/vit_alone.yaml", *fsdp2, "--trainer.callbacks.init_args.dirpath=fsdp2", "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert not list(Path("fsdp2").glob(".last.ckpt*"))  # saved over the old folder by staging and swapping, nothing left over
     main(["consolidate", "fsdp2/last.ckpt", "--out", "student.ckpt"])
     consolidated = torch.load("student.ckpt", weights_only=True)
     assert consolidated["global_step"] == 6 and "model.blocks.0.attn.qkv.weight" in consolidated["state_dict"]
+    shutil.copytree("fsdp2/last.ckpt", "cut.ckpt")  # a folder whose shard was cut short
+    shard = sorted(Path("cut.ckpt").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(SystemExit) as exit_:
+        main(["consolidate", "cut.ckpt", "--out", "student.ckpt"])
+    assert exit_.value.code == 2 and torch.load("student.ckpt", weights_only=True)["global_step"] == 6  # the old file whole
     tested = lightning_cli(["test", "-c", str(CONFIGS / "g2sd/vit_alone.yaml"), *SHORT, "--ckpt_path=student.ckpt"])
     assert 0.0 <= float(tested.trainer.callback_metrics["test/acc"]) <= 1.0
     # distillers: KD with the teacher replicated, G2SD's stages with the teacher sharded too

@@ -44,6 +44,20 @@ def test_export_command_writes_a_student_that_onnxruntime_runs_like_pytorch(data
     with pytest.raises(SystemExit) as exit_:
         main(["export", "-c", config, "--ckpt_path", "missing.ckpt"])
     assert exit_.value.code == 2 and "checkpoint not found: missing.ckpt" in capsys.readouterr().err
+    written = Path("student.onnx").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_:  # no tolerance: the check fails, the checked file stays
+        main(["export", "-c", config, "--ckpt_path", "student/last.ckpt", "--out", "student.onnx", "--atol", "-1"])
+    assert exit_.value.code == 1 and "student.onnx was not written" in capsys.readouterr().err
+    assert Path("student.onnx").stat().st_mtime_ns == written and sorted(p.name for p in Path(".").glob("*.onnx*")) == ["student.onnx"]
+
+
+def test_export_refuses_a_model_that_is_not_a_predictor(data_root: Path, capsys: pytest.CaptureFixture) -> None:
+    config = str(CONFIGS / "g2sd/mae_pretrain.yaml")  # an MAE returns its reconstruction and mask
+    lightning_cli(["fit", "-c", config, *SHORT, "--trainer.callbacks.init_args.dirpath=mae"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "-c", config, "--ckpt_path", "mae/last.ckpt", "--out", "mae.onnx"])
+    assert exit_.value.code == 2 and "MaskedAutoencoder returns MAEOutput, not a tensor or a dict of tensors" in capsys.readouterr().err
+    assert not list(Path(".").glob("*onnx*"))
 
 
 def test_export_of_a_zoo_student_takes_its_own_input(data_root: Path, capsys: pytest.CaptureFixture) -> None:

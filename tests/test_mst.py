@@ -49,6 +49,11 @@ def test_masknets_are_sized_from_the_hooked_layers() -> None:
     assert module.masknets["cm0"].reduce[0].groups == 32  # 2-D maps go through the spatial reduction
     with pytest.raises(KeyError, match="no module at path 'fc9'.*Nearest valid paths"):
         MSTDistill(LeNet5(), AVFusionNet(), AudioCNN(), mm_mask_layers=("fc9",))
+    fusion = AVFusionNet()
+    fusion.spare = torch.nn.Linear(4, 4)  # a module that forward never calls
+    unused = MSTDistill(LeNet5(), fusion, AudioCNN(), mm_mask_layers=("spare",), input_shapes=SHAPES)
+    with pytest.raises(ValueError, match="mask layer 'spare' of the mm teacher did not run in the forward pass: choose a layer"):
+        unused.observe_mask_shapes()
 
 
 def test_masks_apply_only_while_active_and_accumulate_in_stage_3_as_the_official_code() -> None:
@@ -209,6 +214,9 @@ def test_three_stages_in_one_run_then_stage_3_again_from_the_stage_2_checkpoint(
     assert not changed("masknets.", stages[1], restarted) and changed("model.", stages[1], restarted)
     with pytest.raises(ValueError, match="completed stage 1, but start_stage=3 starts from the end of stage 2"):
         fit("avmnist.yaml", "--model.init_args.start_stage=3", f"--model.init_args.init_from={runs}/mst_stage1.ckpt", "--trainer.max_epochs=null")
+    Path("cut.ckpt").write_bytes(Path(f"{runs}/mst_stage2.ckpt").read_bytes()[:5000])  # a copy cut short
+    with pytest.raises(RuntimeError, match="cannot read checkpoint cut.ckpt .*corrupt, truncated"):
+        fit("avmnist.yaml", "--model.init_args.start_stage=3", "--model.init_args.init_from=cut.ckpt", "--trainer.max_epochs=null")
 
 
 @pytest.mark.slow

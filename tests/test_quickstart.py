@@ -27,10 +27,13 @@ def test_quickstart_trains_teacher_student_and_kd(data_root: Path) -> None:
     assert float(accuracies["teacher"]) > 75.0
     assert float(accuracies["student alone"]) > 50.0 and float(accuracies["student + KD"]) > 50.0
     assert Path("runs/teachers/fmnist_resnet10t/last.ckpt").is_file()
-    again = subprocess.run([sys.executable, str(REPO / "tools/quickstart.py"), "--student-epochs=1",
+    again = subprocess.run([sys.executable, str(REPO / "tools/quickstart.py"), "--teacher-epochs=1", "--student-epochs=1",
                             "--limit-train-batches=0.05", "--out=demo.json"], capture_output=True, text=True, timeout=900)  # fmt: skip
     assert again.returncode == 0 and "reusing the teacher" in again.stdout
     assert f"{accuracies['teacher']}%" in again.stdout  # the same teacher, tested again
     recorded = json.loads(Path("demo.json").read_text())  # the table as JSON, with the machine it ran on
     assert f"{100 * recorded['results']['teacher (ResNet-10-T, 1/2 width)']['test/acc']:.2f}" == accuracies["teacher"]
     assert recorded["results"]["student + KD (T=4)"]["params"] == 20423 and recorded["machine"]["threads"] >= 1
+    longer = subprocess.run([sys.executable, str(REPO / "tools/quickstart.py"), "--teacher-epochs=2", "--student-epochs=1",
+                             "--limit-train-batches=0.05"], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert longer.returncode == 0 and "is from an unfinished run (fewer than 2 epochs): training the teacher again" in longer.stdout

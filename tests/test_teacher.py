@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmkd.core import Teacher, load_state_dict_file, sha256_file
+from mmkd.core.checkpoint import checkpoint_sha256
 from mmkd.models import timm_model
 
 
@@ -45,6 +46,25 @@ def test_teacher_loads_safetensors_and_records_sha256(tmp_path: Path) -> None:
     reference = teacher.reference()
     assert reference["checkpoint_sha256"] == sha256_file(path)
     assert len(reference["weights_sha256"]) == 64
+
+
+def test_checkpoint_fingerprint_of_a_folder_covers_every_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "last.ckpt"  # an FSDP2 checkpoint is a folder of shards
+    folder.mkdir()
+    for name, content in {".metadata": b"meta", "__0_0.distcp": b"rank0", "__1_0.distcp": b"rank1"}.items():
+        (folder / name).write_bytes(content)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    before = checkpoint_sha256(folder)
+    assert checkpoint_sha256("~/last.ckpt") == before and len(before) == 64
+    (folder / "__1_0.distcp").write_bytes(b"rank1, other weights")
+    assert checkpoint_sha256(folder) != before
+
+
+def test_weights_saved_under_a_prefix_are_named_in_the_error(tmp_path: Path) -> None:
+    path = tmp_path / "ddp.pt"  # the state dict of a DDP-wrapped model
+    torch.save({f"module.{k}": v for k, v in make_model().state_dict().items()}, path)
+    with pytest.raises(RuntimeError, match="do not fit ResNet: missing keys: .*with the prefix 'module.' in front"):
+        Teacher(make_model(), checkpoint=str(path))
 
 
 def test_lightning_checkpoint_prefix_is_stripped(tmp_path: Path) -> None:

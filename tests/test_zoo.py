@@ -19,6 +19,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from mmkd import zoo
 from mmkd.cli import lightning_cli, main
+from mmkd.core import Teacher
 from mmkd.data.detection import detection_predictions, detection_targets
 from mmkd.models import timm_model
 
@@ -113,6 +114,14 @@ def test_repository_students_load_and_score_their_recorded_metrics(data_root: Pa
     assert cached_files(tmp_path) == []  # the repository's files were used where they are
 
 
+def test_a_zoo_model_as_teacher_weights_records_the_file_it_came_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMKD_CACHE", str(tmp_path / "cache"))
+    entry = zoo.info("fmnist-resnet10t-kd")
+    teacher = Teacher(zoo.build(entry["architecture"]), checkpoint="zoo:fmnist-resnet10t-kd")
+    assert teacher.reference()["checkpoint_sha256"] == entry["sha256"]
+    torch.testing.assert_close(teacher.model.state_dict(), zoo.load("fmnist-resnet10t-kd").state_dict())
+
+
 def test_download_verifies_caches_and_resumes_a_cut_transfer(server: str, student_file: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_manifest(monkeypatch, tmp_path, server, student_file)
     Files.files["/tiny.safetensors"] = student_file
@@ -127,6 +136,9 @@ def test_download_verifies_caches_and_resumes_a_cut_transfer(server: str, studen
     model = zoo.load("tiny")  # from the cache: no new request
     assert len(Files.ranges) == 2 and not model.training
     torch.testing.assert_close(model.state_dict()["fc.weight"], timm_model("resnet10t", checkpoint="zoo:tiny", model_args={"channels": [4, 8, 16, 32], "stem_width": 4}).state_dict()["fc.weight"])
+    # a partial file longer than the entry's (left from an older, larger version of it) is started over
+    (tmp_path / "cache/zoo/.partial/tiny.safetensors").write_bytes(b"x" * (len(student_file) + 10))
+    assert zoo.fetch("tiny", progress=False, force=True).read_bytes() == student_file and Files.ranges[-1] is None
 
 
 def test_a_tampered_file_is_deleted_and_reported(server: str, student_file: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,7 +181,8 @@ def test_a_pickle_is_never_unpickled(server: str, tmp_path: Path, monkeypatch: p
     assert not Path("pickle-payload-ran").exists()
 
 
-def test_publish_tool_writes_an_entry_that_rebuilds_the_student(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_publish_tool_writes_an_entry_that_rebuilds_the_student(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     config = str(CONFIGS / "g2sd/vit_alone.yaml")  # a timm ViT: jsonargparse fills in class objects as defaults
     lightning_cli(["fit", "-c", config, *SHORT, "--trainer.callbacks.init_args.dirpath=vit"])
     monkeypatch.setattr(zoo, "REPO_ZOO", tmp_path / "zoo")
@@ -188,6 +201,16 @@ def test_publish_tool_writes_an_entry_that_rebuilds_the_student(data_root: Path,
     vit = {"class_path": "timm.models.vision_transformer.VisionTransformer", "init_args": {"embed_layer": torch.nn.Identity}}
     with pytest.raises(ValueError, match="embed_layer=.*Identity.*a Python object, not a default"):
         zoo_publish.portable(vit)
+    # a publication that fails to measure leaves the published file and the manifest as they were
+    published = {p.name: p.read_bytes() for p in (path, tmp_path / "zoo" / "manifest.json")}
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--data.init_args.root=no-data-here", "--data.init_args.download=false"])
+    with pytest.raises(FileNotFoundError):
+        zoo_publish.main()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "zoo").rglob("*") if p.is_file()} == published
+    (tmp_path / "zoo" / "manifest.json").write_text('{"models": [')  # cut short
+    with pytest.raises(SystemExit):
+        main(["zoo", "list"])
+    assert "is not a valid manifest (JSONDecodeError" in capsys.readouterr().err
 
 
 def test_zoo_command(capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

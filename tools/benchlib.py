@@ -37,18 +37,23 @@ def finished_checkpoint(run_dir: str, epochs: int | None) -> bool:
 
 
 def run_once(config: str, run_dir: str, overrides: list[str], reuse: bool, epochs: int | None, test: bool = True) -> dict:
-    """Fit and test once; the result is kept in ``run_dir/result.json`` so that an interrupted
-    benchmark starts again where it stopped."""
+    """Fit and test once; the result is kept in ``run_dir/result.json`` with the command that made
+    it, so that an interrupted benchmark starts again where it stopped, and a result of another
+    command (other epochs, overrides or config) is never reported for this one."""
     from mmkd.experiment import evaluate_checkpoint, fit_and_test  # late: a benchmark sets its environment first
 
     result_file = Path(run_dir) / "result.json"
+    command = {"config": config, "overrides": overrides, "test": test}
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        saved = json.loads(result_file.read_text())
+        if saved.get("command") == command:
+            return saved["result"]
+        print(f"  ({result_file} holds the result of another command: running again)", flush=True)
     if reuse and test and finished_checkpoint(run_dir, epochs):
         print(f"  (testing the existing {run_dir}/last.ckpt)", flush=True)
         return evaluate_checkpoint(config, f"{run_dir}/last.ckpt", overrides)
     result = fit_and_test(config, overrides, test)
-    result_file.write_text(json.dumps(result, indent=2))
+    result_file.write_text(json.dumps({"command": command, "result": result}, indent=2))
     return result
 
 

@@ -21,13 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmkd.experiment import evaluate_checkpoint, fit_and_test  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
-from benchlib import machine_info  # noqa: E402
+from benchlib import finished_checkpoint, machine_info  # noqa: E402
 
 TEACHER_CONFIG = str(ROOT / "configs/teachers/fmnist_resnet10t.yaml")
 ALONE_CONFIG = str(ROOT / "configs/kd/fmnist_student_alone.yaml")
@@ -49,7 +51,10 @@ def main() -> None:
         common.append(f"--trainer.limit_train_batches={args.limit_train_batches:g}")
     started, load_before = time.perf_counter(), os.getloadavg()
     rows = []
-    if args.retrain_teacher or not Path(TEACHER_CKPT).is_file():
+    teacher_epochs = args.teacher_epochs or yaml.safe_load(Path(TEACHER_CONFIG).read_text())["trainer"]["max_epochs"]
+    if Path(TEACHER_CKPT).is_file() and not finished_checkpoint(str(Path(TEACHER_CKPT).parent), teacher_epochs):
+        print(f"== {TEACHER_CKPT} is from an unfinished run (fewer than {teacher_epochs} epochs): training the teacher again", flush=True)
+    if args.retrain_teacher or not finished_checkpoint(str(Path(TEACHER_CKPT).parent), teacher_epochs):
         print("== 1/3 training the teacher (configs/teachers/fmnist_resnet10t.yaml)", flush=True)
         epochs = [f"--trainer.max_epochs={args.teacher_epochs}"] if args.teacher_epochs else []
         teacher = fit_and_test(TEACHER_CONFIG, common + epochs)

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -101,12 +102,13 @@ def main() -> None:
     state = {key: value.detach().contiguous() for key, value in student.state_dict().items()}
     rebuilt = zoo.build(architecture)
     rebuilt.load_state_dict(state)  # the spec really rebuilds this network
+    # measured first: a failed measurement leaves the published file and the manifest as they were
+    metrics = evaluate_checkpoint(args.config, args.ckpt, overrides)
     files = zoo.REPO_ZOO / "files"
     files.mkdir(parents=True, exist_ok=True)
     path = files / f"{args.name}.safetensors"
-    save_file(state, str(path))
-
-    metrics = evaluate_checkpoint(args.config, args.ckpt, overrides)
+    staged = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(staged))
     command = shlex.join(["mmkd", "test", "-c", args.config, "--ckpt_path", args.ckpt, *overrides])
     entry = {
         "name": args.name, "architecture_summary": args.summary, "architecture": architecture,
@@ -115,12 +117,15 @@ def main() -> None:
         "distiller": args.distiller, "config": args.config, "teacher": args.teacher, "data": args.data,
         "metrics": {key: metrics[key] for key in sorted(metrics) if key.startswith("test/")} | {"command": command},
         "params": sum(p.numel() for p in student.parameters()),
-        "file": path.name, "url": None, "sha256": sha256_file(path), "size": path.stat().st_size, "licence": args.licence,
+        "file": path.name, "url": None, "sha256": sha256_file(staged), "size": staged.stat().st_size, "licence": args.licence,
     }  # fmt: skip
     manifest = zoo.manifest_path()
-    models = json.loads(manifest.read_text())["models"] if manifest.is_file() else []
+    models = list(zoo.entries().values()) if manifest.is_file() else []  # a corrupt manifest is an error, never overwritten
     models = [m for m in models if m["name"] != args.name] + [entry]
-    manifest.write_text(json.dumps({"models": models}, indent=2) + "\n")
+    staged_manifest = manifest.with_name(f".{manifest.name}.tmp")
+    staged_manifest.write_text(json.dumps({"models": models}, indent=2) + "\n")
+    os.replace(staged, path)  # each file whole: the old one or the new one
+    os.replace(staged_manifest, manifest)
     measured = ", ".join(f"{key} {value:.4f}" for key, value in entry["metrics"].items() if key != "command")
     print(f"wrote {path} ({entry['size']} bytes) and the entry {args.name} in {manifest}: {measured}")
     example = torch.zeros(1, *entry["input_shape"])

@@ -188,8 +188,10 @@ def build_teacher_cache(
         "fingerprint": distiller.teacher_cache_fingerprint(data_fingerprint),
     }  # fmt: skip
 
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):  # left by a build that was killed (SIGKILL, out of memory)
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer = _CacheWriter(tmp, len(loader.dataset))
     batches = loader
@@ -215,7 +217,11 @@ def build_teacher_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a cache behind
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if out.exists():  # the old cache stays whole until the new one takes its name
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
     return TeacherCache(out)

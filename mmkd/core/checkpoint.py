@@ -20,6 +20,28 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The local path a weights argument names: ``zoo:NAME`` fetched (and verified) from the zoo,
+    ``~`` expanded."""
+    if str(path).startswith("zoo:"):
+        from mmkd import zoo
+
+        return zoo.fetch(str(path)[len("zoo:") :])
+    return Path(path).expanduser()
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, or of an FSDP2 checkpoint folder (every file's relative name and
+    content, in name order); ``zoo:NAME`` and ``~`` as :func:`load_state_dict_file` reads them."""
+    path = resolve_checkpoint(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}:{sha256_file(file)}".encode())
+    return digest.hexdigest()
+
+
 def state_dict_sha256(module: nn.Module) -> str:
     """Fingerprint of a module's weights (names, dtypes, shapes and values)."""
     digest = hashlib.sha256()
@@ -40,28 +62,8 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
     (the MAE and DeiT releases) are read from there, and an FSDP2 checkpoint folder is read
     through :func:`consolidated_checkpoint`; ``zoo:NAME`` is a model of the zoo (:mod:`mmkd.zoo`).
     """
-    if str(path).startswith("zoo:"):  # a model of the zoo (mmkd.zoo), fetched and verified
-        from mmkd import zoo
-
-        path = zoo.fetch(str(path)[len("zoo:") :])
-    path = Path(path).expanduser()
-    if (path / ".metadata").is_file():
-        state = consolidated_checkpoint(path)  # a Lightning checkpoint, read like the files below
-    elif not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    else:
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise RuntimeError(
-                f"cannot read checkpoint {path} ({type(err).__name__}: {err}). The file is corrupt, "
-                "truncated or not a weights file; re-create or re-download it."
-            ) from err
+    path = resolve_checkpoint(path)
+    state = read_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
         if prefix is None and any(k.startswith("model.") for k in state):
@@ -75,6 +77,31 @@ def load_state_dict_file(path: str | Path, prefix: str | None = None) -> dict[st
         if not state:
             raise RuntimeError(f"{path} has no weights under the prefix {prefix!r}")
     return state
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """What a weights file or checkpoint holds, without unpickling objects: a ``.safetensors``
+    file's tensors, a ``torch.save``d file (a Lightning checkpoint: its whole dict), or an FSDP2
+    checkpoint folder consolidated. Missing and unreadable files are clear errors."""
+    path = Path(path)
+    try:
+        if (path / ".metadata").is_file():
+            return consolidated_checkpoint(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        detail = (str(err).strip().splitlines() or [""])[-1]  # its text holds every rank's traceback: the cause is last
+        raise RuntimeError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {detail}). It is corrupt, truncated (a run killed "
+            "while saving?) or not a weights file; re-create or re-download it, or use an earlier checkpoint."
+        ) from err
 
 
 def consolidated_checkpoint(folder: str | Path) -> dict:
@@ -124,9 +151,23 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
         parts += [f"shape mismatches: {head(wrong_shape)}"] if wrong_shape else []
         raise RuntimeError(
             f"weights in {source} do not fit {type(module).__name__}: " + "; ".join(parts)
-            + ". Check that the model config matches the one the checkpoint was trained with."
+            + ". Check that the model config matches the one the checkpoint was trained with." + _prefix_hint(set(own), set(state))
         )
     module.load_state_dict(state)
+
+
+def _prefix_hint(own: set[str], found: set[str]) -> str:
+    """Where the file's keys are the model's under another prefix (``module.`` of DDP, ``student.``
+    of a distiller, or none where one is expected), a sentence that says so."""
+    for key in list(found)[:1] + list(own)[:1]:
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth]) + "."
+            if {k.removeprefix(prefix) for k in found} == own:
+                return f" The file's keys are the model's with the prefix {prefix!r} in front: strip it when saving the weights."
+            if {prefix + k for k in found} == own:
+                return f" The file's keys are the model's without the prefix {prefix!r}."
+    return ""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -16,6 +16,10 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 
+class DataMismatchError(ValueError):
+    """A data module whose batches are not the kind the training module takes."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite."""
 
@@ -258,6 +262,27 @@ class Classifier(TrainingModule):
             raise ValueError("mixup mixes one input tensor; it cannot be used with several input keys")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    #: training batches are SemiSupervisedDataModule's ``{"labeled", "unlabeled"}`` pairs (DHO)
+    semi_supervised_batches = False
+
+    def setup(self, stage: str) -> None:
+        datamodule = self._trainer.datamodule if self._trainer else None
+        if stage != "fit" or datamodule is None:
+            return
+        from mmkd.data import SemiSupervisedDataModule
+
+        name, data = type(self).__name__, type(datamodule).__name__
+        if self.semi_supervised_batches and not isinstance(datamodule, SemiSupervisedDataModule):
+            raise DataMismatchError(
+                f"{name} trains on labelled + unlabelled batches, but {data} gives labelled batches only: wrap it in "
+                "mmkd.data.SemiSupervisedDataModule (its `data` argument), as configs/dho/fmnist.yaml does"
+            )
+        if not self.semi_supervised_batches and isinstance(datamodule, SemiSupervisedDataModule):
+            raise DataMismatchError(
+                f"{name} trains on labelled batches; SemiSupervisedDataModule's labelled + unlabelled pairs are for DHO: "
+                "give the data module it wraps directly"
+            )
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.model(*inputs)

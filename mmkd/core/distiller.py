@@ -46,6 +46,12 @@ class LossTerm(nn.Module):
 
     def build_head(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> None:
         student_shape, teacher_shape = list(student_shape), list(teacher_shape)
+        same_classes_needed = getattr(self.loss, "requires_equal_shapes", False) and self.head_kind is None
+        if self.student_source == self.teacher_source == LOGITS and same_classes_needed and student_shape != teacher_shape:
+            raise ShapeMismatchError(
+                f"loss term '{self.name}': the student's logits are {student_shape} and the teacher's {teacher_shape}; "
+                "distilling logits needs the same classes: check num_classes of both models"
+            )
         try:
             if self.head_kind is not None:
                 self.head = build_head(self.head_kind, student_shape, teacher_shape)
@@ -142,6 +148,7 @@ class Distiller(Classifier):
 
     # -- set-up: heads from observed shapes ----------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.feature_shapes is None:
             self.build_heads(self.observe_shapes())
         if stage == "fit" and self.teacher_cache and self._cache is None:

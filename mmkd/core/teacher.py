@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkd.core.checkpoint import load_weights, sha256_file, state_dict_sha256
+from mmkd.core.checkpoint import checkpoint_sha256, load_weights, state_dict_sha256
 
 
 def to_float(output: Any) -> Any:
@@ -58,7 +58,7 @@ class Teacher(nn.Module):
                 ) from err
         self.model = model
         self.checkpoint = checkpoint
-        self.checkpoint_sha256 = sha256_file(checkpoint) if checkpoint else None
+        self.checkpoint_sha256 = checkpoint_sha256(checkpoint) if checkpoint else None  # a file, an FSDP2 folder or zoo:NAME
         self.bf16 = bf16
         # Fingerprinted now, while the weights are whole: FSDP2 may shard them later.
         self._weights_sha256 = state_dict_sha256(self.model)

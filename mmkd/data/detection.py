@@ -133,8 +133,12 @@ class CocoDetection(Dataset):
     def _read_image(self, i: int) -> torch.Tensor:
         info = self.images_info[i]
         path = self.folder / info["file_name"]
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError) as err:  # PIL: truncated or not an image (SyntaxError for some broken PNGs)
+            raise OSError(f"cannot read image {path} ({err}): it is corrupt or cut short; re-create the data set "
+                          "(tools/compose_detection.py for the composed scenes) or replace the file") from None  # fmt: skip
         if array.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"{path} is {array.shape[1]}x{array.shape[0]} but instances.json says {info['width']}x{info['height']}")
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

@@ -38,6 +38,12 @@ def mix_log_probs(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float
     return torch.logsumexp(parts, dim=0)
 
 
+def check_mix(alpha: float, beta: float) -> None:
+    """A clear error for a mix :func:`mix_log_probs` cannot compute (it would give NaN scores)."""
+    if not (0.0 <= alpha <= 1.0 and beta > 0.0):
+        raise ValueError(f"DHO's head mix needs 0 <= alpha <= 1 and beta > 0, got alpha={alpha}, beta={beta}")
+
+
 @torch.no_grad()
 def search_mix(
     ce_logits: torch.Tensor,
@@ -99,6 +105,7 @@ class DualHeadStudent(nn.Module):
         self.ce_head = nn.Linear(feature_dim, num_classes)
         self.kd_head = nn.Linear(feature_dim, num_classes)
         self.kd_normalize, self.kd_scale = kd_normalize, kd_scale
+        check_mix(alpha, beta)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.register_buffer("beta", torch.tensor(float(beta)))
 
@@ -114,6 +121,7 @@ class DualHeadStudent(nn.Module):
         return mix_log_probs(*self.forward_heads(images), self.alpha, self.beta)
 
     def set_mix(self, alpha: float, beta: float) -> None:
+        check_mix(alpha, beta)
         self.alpha.fill_(alpha)
         self.beta.fill_(beta)
 
@@ -201,6 +209,8 @@ class DHO(Distiller):
         **kwargs: ``ce_weight`` and the keys of :class:`~mmkd.core.distiller.Distiller`.
     """
 
+    semi_supervised_batches = True
+
     def __init__(
         self,
         student: DualHeadStudent,
@@ -228,6 +238,9 @@ class DHO(Distiller):
             alpha, mix = 1.0, "fixed"
         self.mix = mix
         self.alpha_grid, self.beta_grid = [float(a) for a in alpha_grid], [float(b) for b in beta_grid]
+        for grid_alpha in self.alpha_grid:
+            for grid_beta in self.beta_grid:
+                check_mix(grid_alpha, grid_beta)
         student.set_mix(alpha, beta)
         self.fixed_mix = (alpha, beta)
         self.fixed_mix_acc = MulticlassAccuracy(self.num_classes, average="micro")

@@ -46,6 +46,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from mmkd.core.checkpoint import read_checkpoint
 from mmkd.core.classifier import TrainingModule
 from mmkd.core.taps import get_module
 from mmkd.losses.logit import kd_loss
@@ -337,13 +338,17 @@ class MSTDistill(TrainingModule):
             raise ValueError(f"batch keys {sorted(needed - shapes.keys())} are not among the data's inputs {sorted(shapes)}")
         device = next(self.parameters()).device
         batch = {key: torch.zeros(2, *shape, device=device) for key, shape in shapes.items()}
-        observed: dict[str, list[int]] = {}
+        observed: dict[str, list[int] | str] = {}
+
+        def observe(name: str, output: Any) -> None:
+            observed[name] = list(output.shape[1:]) if isinstance(output, torch.Tensor) else type(output).__name__
+
         for base in BASES:
             net = self.teacher_net(base)
             hooks = []
             for name, path in zip(self.mask_names(base), self.mask_layers[base]):
                 module = get_module(net, path)
-                hooks.append(module.register_forward_hook(lambda m, a, o, name=name: observed.__setitem__(name, list(o.shape[1:]))))
+                hooks.append(module.register_forward_hook(lambda m, a, o, name=name: observe(name, o)))
             was_training = net.training
             net.eval()
             try:
@@ -352,6 +357,12 @@ class MSTDistill(TrainingModule):
                 net.train(was_training)
                 for hook in hooks:
                     hook.remove()
+            for name, path in zip(self.mask_names(base), self.mask_layers[base]):
+                if not isinstance(observed.get(name), list):
+                    what = "did not run in the forward pass" if name not in observed else f"returned a {observed[name]}"
+                    raise ValueError(
+                        f"mask layer {path!r} of the {base} teacher {what}: choose a layer on the forward path that returns a tensor"
+                    )
         return observed
 
     # -- stages --------------------------------------------------------------------------------
@@ -465,9 +476,10 @@ class MSTDistill(TrainingModule):
     def load_stage_checkpoint(self, path: str) -> None:
         """Weights of every network (teachers, student, MaskNets, router) from a stage checkpoint
         of an earlier run that completed the stages before ``start_stage``."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_from: {path} does not exist (a mst_stage{{n}}.ckpt written by an earlier MST-Distill run)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = read_checkpoint(path)  # a file, or an FSDP2 run's folder
+        except FileNotFoundError:
+            raise FileNotFoundError(f"init_from: {path} does not exist (a mst_stage{{n}}.ckpt written by an earlier MST-Distill run)") from None
         completed = checkpoint.get("mmkd", {}).get("mst_completed_stage", 0)
         if completed != self.start_stage - 1:
             raise ValueError(
