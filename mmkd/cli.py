@@ -167,9 +167,7 @@ def cache_main(argv: Sequence[str]) -> None:
 
 
 def consolidate_main(argv: Sequence[str]) -> None:
-    import torch
-
-    from mmkd.core.checkpoint import read_checkpoint
+    from mmkd.core.checkpoint import AtomicCheckpointIO, read_checkpoint
 
     parser = argparse.ArgumentParser(
         prog="mmkd consolidate",
@@ -188,9 +186,7 @@ def consolidate_main(argv: Sequence[str]) -> None:
     except RuntimeError as err:  # shards missing or cut short
         print(f"mmkd: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    staged = out.with_name(f".{out.name}.tmp")
-    torch.save(checkpoint, staged)
-    staged.replace(out)  # an existing file stays whole until the new one is
+    AtomicCheckpointIO().save_checkpoint(checkpoint, out)  # an existing file stays whole until the new one is
     print(f"wrote {out}")
 
 

@@ -4,12 +4,13 @@ is :class:`FSDP2`, registered here under that name."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
+
+from mmkd.core.checkpoint import remove_path, restore_swapped_out, swap_in
 
 # Repeated blocks of timm models (ViT ``blocks.N``, ConvNeXt/Swin ``stages.N``, ResNet ``layerK.N``)
 # and of mmkd's MAE decoder: each becomes its own FSDP2 unit, gathered only while it runs.
@@ -42,28 +43,16 @@ class FSDP2(ModelParallelStrategy):
         if not self._save_distributed_checkpoint or "://" in str(filepath):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
-        staged, old = path.with_name(f".{path.name}.saving"), path.with_name(f".{path.name}.old")
+        staged = path.with_name(f".{path.name}.saving")
         if self.global_rank == 0:
-            if old.exists() and not path.exists():
-                old.rename(path)
-            _remove(staged)
-            _remove(old)
+            restore_swapped_out(path)
+            remove_path(staged)
         self.barrier("mmkd_checkpoint_staging")
         super().save_checkpoint(checkpoint, staged, storage_options)
         self.barrier("mmkd_checkpoint_written")
         if self.global_rank == 0:
-            if path.exists():
-                path.rename(old)
-            staged.rename(path)
-            _remove(old)
+            swap_in(staged, path)
         self.barrier("mmkd_checkpoint_saved")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def shard_units(root: nn.Module) -> Iterator[nn.Module]:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmkd.core.checkpoint import restore_swapped_out, swap_in
+
 CACHE_VERSION = 1
 LOGITS = "logits"  # same key as mmkd.core.distiller.LOGITS (not imported: that module imports this one)
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -188,9 +190,9 @@ def build_teacher_cache(
         "fingerprint": distiller.teacher_cache_fingerprint(data_fingerprint),
     }  # fmt: skip
 
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):  # left by a build that was killed (SIGKILL, out of memory)
-        for stale in out.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
+    restore_swapped_out(out)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a build that was killed (SIGKILL, out of memory)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     writer = _CacheWriter(tmp, len(loader.dataset))
@@ -217,11 +219,5 @@ def build_teacher_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a cache behind
         raise
-    if out.exists():  # the old cache stays whole until the new one takes its name
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    swap_in(tmp, out)  # an old cache stays whole until the new one takes its name
     return TeacherCache(out)

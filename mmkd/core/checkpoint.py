@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,33 @@ def _prefix_hint(own: set[str], found: set[str]) -> str:
             if {prefix + k for k in found} == own:
                 return f" The file's keys are the model's without the prefix {prefix!r}."
     return ""
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder, if there is one."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def swap_in(staged: Path, target: Path) -> None:
+    """Put the complete file or folder ``staged`` in the place of ``target`` by two renames, so the
+    old ``target`` stays whole until the new one takes its name. A kill between the renames leaves
+    the old one as ``.NAME.old`` (see :func:`restore_swapped_out`)."""
+    old = target.with_name(f".{target.name}.old")
+    remove_path(old)
+    if target.exists():
+        target.rename(old)
+    staged.rename(target)
+    remove_path(old)
+
+
+def restore_swapped_out(target: Path) -> None:
+    """Put back a ``target`` that a kill between :func:`swap_in`'s renames left as ``.NAME.old``."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        old.rename(target)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
