@@ -270,15 +270,15 @@ class Classifier(TrainingModule):
         datamodule = self._trainer.datamodule if self._trainer else None
         if stage != "fit" or datamodule is None:
             return
-        from mmkd.data import SemiSupervisedDataModule
-
+        # data modules declare their batches (``semi_supervised``); the core imports none of them
         name, data = type(self).__name__, type(datamodule).__name__
-        if self.semi_supervised_batches and not isinstance(datamodule, SemiSupervisedDataModule):
+        semi_supervised = getattr(datamodule, "semi_supervised", False)
+        if self.semi_supervised_batches and not semi_supervised:
             raise DataMismatchError(
                 f"{name} trains on labelled + unlabelled batches, but {data} gives labelled batches only: wrap it in "
                 "mmkd.data.SemiSupervisedDataModule (its `data` argument), as configs/dho/fmnist.yaml does"
             )
-        if not self.semi_supervised_batches and isinstance(datamodule, SemiSupervisedDataModule):
+        if not self.semi_supervised_batches and semi_supervised:
             raise DataMismatchError(
                 f"{name} trains on labelled batches; SemiSupervisedDataModule's labelled + unlabelled pairs are for DHO: "
                 "give the data module it wraps directly"
@@ -286,6 +286,14 @@ class Classifier(TrainingModule):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.model(*inputs)
+
+    def input_views(self) -> dict[str, Any]:
+        """How the model wants its images, by batch key, for data modules that decode files
+        (:class:`~mmkd.data.files.ImageFilesDataModule`): the model's own preprocessing (timm's
+        pretrained config, open_clip's ``preprocess_cfg``), or ``None`` where it declares none."""
+        from mmkd.data.views import view_of_model
+
+        return {self.input_key: view_of_model(self.model)} if isinstance(self.input_key, str) else {}
 
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """The batch entries the model takes, in order."""

@@ -172,6 +172,16 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def subset(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> "ImageTensorDataset":
+        """The samples at ``indices`` (re-indexed from 0), with other ``labels`` if given."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        labels = self.labels[indices] if labels is None else torch.as_tensor(labels)
+        return ImageTensorDataset(self.images[indices], labels, self.mean, self.std, self.augment, self.pad, self.hflip, self.seed)
+
+    def sample_key(self, i: int) -> str:
+        """A sample's name in a list of labelled samples: its position."""
+        return str(i)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         batch = self.__getitems__([key])
         return {"image": batch["image"][0], "label": batch["label"][0], "index": int(batch["index"][0])}
@@ -202,13 +212,12 @@ class ImageTensorDataset(Dataset):
         return images
 
 
-class InMemoryDataModule(L.LightningDataModule):
-    """Loaders for a data module whose splits are held in memory.
-
-    A subclass fills ``self.splits`` (``"train"``, ``"val"``, ``"test"``) in ``setup`` with
-    datasets whose ``__getitems__`` returns a collated dict batch. Training order and
-    augmentation keys come from an :class:`EpochShuffleSampler`; the position in the training
-    epoch goes into checkpoints, so a run resumes mid-epoch.
+class SplitsDataModule(L.LightningDataModule):
+    """Loaders over ``self.splits`` (``"train"``, ``"val"``, ``"test"``, optionally
+    ``"predict"``), which a subclass fills in ``setup``. Training order and augmentation keys come
+    from an :class:`EpochShuffleSampler`; the position in the training epoch goes into
+    checkpoints, so a run resumes mid-epoch. Batches are collated by ``collate_fn`` (by default
+    the datasets' own ``__getitems__``, see :func:`passthrough_collate`).
 
     Args:
         batch_size: training batch size.
@@ -226,14 +235,17 @@ class InMemoryDataModule(L.LightningDataModule):
         self._train_loader: ResumableDataLoader | None = None
         self._train_position: dict | None = None
 
+    collate_fn = staticmethod(passthrough_collate)
+
     def _loader(self, split: str, batch_size: int, sampler: EpochShuffleSampler | None = None) -> DataLoader:
         return (ResumableDataLoader if sampler is not None else DataLoader)(
             self.splits[split],
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=passthrough_collate,
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
             # Its own generator: creating an iterator would otherwise draw a worker seed from the
             # global RNG, which a resumed run draws at another moment than an uninterrupted one.
             generator=torch.Generator().manual_seed(self.seed),
@@ -263,4 +275,9 @@ class InMemoryDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+        return self._loader("predict" if "predict" in self.splits else "test", self.eval_batch_size)
+
+
+class InMemoryDataModule(SplitsDataModule):
+    """A :class:`SplitsDataModule` whose splits are tensors held in memory, batched by the
+    datasets' ``__getitems__`` (the demo and test-bed data sets)."""

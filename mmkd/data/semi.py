@@ -4,14 +4,15 @@ unlabelled rest, trained on side by side (one labelled and one unlabelled batch 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from mmkd.data.common import EpochShuffleSampler, ImageTensorDataset, ResumableDataLoader, passthrough_collate
-from mmkd.data.images import IDXImageDataModule
+from mmkd.data.common import EpochShuffleSampler, ResumableDataLoader
 
 
 def balanced_labeled_split(
@@ -54,14 +55,21 @@ def balanced_labeled_split(
 
 class SemiSupervisedDataModule(L.LightningDataModule):
     """A labelled data module turned semi-supervised: its training split becomes a labelled part
-    (``labeled_fraction`` or ``shots_per_class``, class-balanced, seeded by ``split_seed``) and an
-    unlabelled part holding the rest, whose labels are replaced by -1 so that no training step
-    can use them. Validation and test are the wrapped module's.
+    and an unlabelled part whose labels are replaced by -1, so that no training step can use
+    them. Validation and test are the wrapped module's.
+
+    The labelled part is ``labeled_fraction`` or ``shots_per_class`` of the training split
+    (class-balanced, seeded by ``split_seed``), or the samples that ``labeled_list`` names; the
+    unlabelled part is the rest, or the images at ``unlabeled`` (another location, read by the
+    wrapped file data module, e.g. a folder of images without classes).
 
     Training batches are ``{"labeled": batch, "unlabeled": batch}``. As in DHO's code, an epoch is
     one pass over the unlabelled part; the labelled part is drawn alongside, reshuffled (and
     re-augmented) every time it is used up, so each step has one batch of each. Both positions are
     kept in checkpoints, so a run resumes mid-epoch.
+
+    Works over any data module whose training split has ``labels`` and ``subset(indices,
+    labels)`` (the in-memory sets and :class:`~mmkd.data.files.ImageFilesDataModule`).
 
     Args:
         data: the labelled data module (e.g. ``FashionMNISTDataModule``); its ``batch_size`` is
@@ -69,24 +77,34 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         labeled_fraction: fraction of the training split that keeps its labels.
         shots_per_class: instead, k labelled samples per class.
         split_seed: seed of the labelled/unlabelled split (DHO uses 13).
+        labeled_list: instead, a text file naming the labelled training samples, one per line
+            (a path relative to the training split, or just the file name; a shard key; a row
+            number), as the split files of DHO and of the semi-supervised ImageNet benchmarks.
+        unlabeled: the unlabelled images from another location instead of the rest of the
+            training split (needs a data module with ``open_location``, as the file modules).
         labeled_batch_size: labelled samples per step (default: the unlabelled batch size).
     """
 
+    semi_supervised = True  # what Classifier.setup checks: batches are {"labeled", "unlabeled"} pairs
+
     def __init__(
         self,
-        data: IDXImageDataModule,
+        data: L.LightningDataModule,
         labeled_fraction: float | None = 0.01,
         shots_per_class: int | None = None,
         split_seed: int = 13,
+        labeled_list: str | None = None,
+        unlabeled: str | None = None,
         labeled_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if shots_per_class is not None:
+        if shots_per_class is not None or labeled_list is not None:
             labeled_fraction = None
         self.data = data
         self.labeled_fraction, self.shots_per_class, self.split_seed = labeled_fraction, shots_per_class, split_seed
+        self.labeled_list, self.unlabeled = labeled_list, unlabeled
         self.labeled_batch_size = labeled_batch_size or data.batch_size
-        self.parts: dict[str, ImageTensorDataset] = {}
+        self.parts: dict[str, Any] = {}
         self._loaders: dict[str, ResumableDataLoader] = {}
         self._positions: dict | None = None
 
@@ -96,31 +114,68 @@ class SemiSupervisedDataModule(L.LightningDataModule):
     class_names = property(lambda self: self.data.class_names)
     mean = property(lambda self: self.data.mean)
     std = property(lambda self: self.data.std)
+    views = property(lambda self: self.data.views)
 
     def prepare_data(self) -> None:
         self.data.prepare_data()
 
+    def _listed(self, train: Any) -> torch.Tensor:
+        """Positions in ``train`` of the samples ``labeled_list`` names (an unknown name is an error)."""
+        path = Path(self.labeled_list).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"labeled_list {path} does not exist")
+        position: dict[str, int] = {}
+        for i in range(len(train)):
+            key = train.sample_key(i)
+            position[key] = i
+            position.setdefault(key.rsplit("/", 1)[-1], i)
+        chosen = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            name = line.strip().split(",")[0].split()[0] if line.strip() else ""
+            if not name or name.startswith("#"):
+                continue
+            if name not in position:
+                raise ValueError(f"{path}:{number}: {name!r} is not a sample of the training split (first sample: {train.sample_key(0)!r})")
+            chosen.append(position[name])
+        if not chosen:
+            raise ValueError(f"labeled_list {path} names no samples")
+        return torch.tensor(sorted(set(chosen)), dtype=torch.long)
+
     def setup(self, stage: str | None = None) -> None:
         if self.parts:
             return
+        self.data.trainer = self.trainer  # the wrapped module's views come from the model too
         self.data.setup(stage)
         train = self.data.splits["train"]
-        labeled_idx, unlabeled_idx = balanced_labeled_split(train.labels, self.labeled_fraction, self.shots_per_class, self.split_seed)
+        if self.labeled_list is not None:
+            labeled_idx = self._listed(train)
+            is_labeled = torch.zeros(len(train), dtype=torch.bool)
+            is_labeled[labeled_idx] = True
+            unlabeled_idx = torch.nonzero(~is_labeled).flatten()
+        else:
+            labeled_idx, unlabeled_idx = balanced_labeled_split(train.labels, self.labeled_fraction, self.shots_per_class, self.split_seed)
+        self.parts = {"labeled": train.subset(labeled_idx)}
+        if self.unlabeled is not None:
+            if not hasattr(self.data, "open_location"):
+                raise ValueError(f"unlabeled={self.unlabeled!r} needs a data module that reads files; {type(self.data).__name__} does not")
+            source = self.data.open_location(self.unlabeled, "predict")
+            self.parts["unlabeled"] = self.data.dataset(source.subset(range(len(source)), torch.full((len(source),), -1).numpy()), train=True)
+        else:
+            self.parts["unlabeled"] = train.subset(unlabeled_idx, torch.full((len(unlabeled_idx),), -1))
+        if len(self.parts["unlabeled"]) == 0:
+            raise ValueError("the unlabelled part is empty: every training sample is labelled")
 
-        def part(indices: torch.Tensor, labels: torch.Tensor) -> ImageTensorDataset:
-            return ImageTensorDataset(
-                train.images[indices], labels, train.mean, train.std,
-                augment=train.augment, pad=train.pad, hflip=train.hflip, seed=train.seed,
-            )  # fmt: skip
-
-        self.parts = {
-            "labeled": part(labeled_idx, train.labels[labeled_idx]),
-            "unlabeled": part(unlabeled_idx, torch.full((len(unlabeled_idx),), -1)),
-        }
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        hook = getattr(self.data, "on_before_batch_transfer", None)
+        if hook is None:
+            return batch
+        if isinstance(batch, dict) and set(batch) == {"labeled", "unlabeled"}:
+            return {name: hook(part, dataloader_idx) for name, part in batch.items()}
+        return hook(batch, dataloader_idx)
 
     def _loader(self, name: str, sampler: EpochShuffleSampler, batch_size: int) -> ResumableDataLoader:
         return ResumableDataLoader(
-            self.parts[name], batch_size=batch_size, sampler=sampler, collate_fn=passthrough_collate,
+            self.parts[name], batch_size=batch_size, sampler=sampler, collate_fn=self.data.collate_fn,
             num_workers=self.data.num_workers, persistent_workers=self.data.num_workers > 0,
             generator=torch.Generator().manual_seed(self.data.seed),
         )  # fmt: skip
@@ -142,7 +197,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             self._positions = None
         return CombinedLoader(self._loaders, mode="max_size_cycle")
 
-    # See IDXImageDataModule.state_dict: the positions survive loaders built before the restore.
+    # See SplitsDataModule.state_dict: the positions survive loaders built before the restore.
     def state_dict(self) -> dict:
         return {"train_positions": {name: loader.state_dict() for name, loader in self._loaders.items()}} if self._loaders else {}
 
