@@ -17,7 +17,9 @@ training (LightningCLI; every config value can be overridden, e.g. --model.init_
   fit        train a model:               mmkd fit -c configs/kd/fmnist_kd.yaml
   validate   evaluate on the val split:    mmkd validate -c CONFIG --ckpt_path PATH
   test       evaluate on the test split:   mmkd test -c CONFIG --ckpt_path PATH
-  predict    write predictions:            mmkd predict -c CONFIG --ckpt_path PATH
+  predict    write predictions to a file:  mmkd predict -c CONFIG --ckpt_path PATH [--output preds.csv --topk 5]
+             image files, no config:       mmkd predict --zoo NAME FILES_OR_FOLDERS... [--output preds.jsonl]
+                                           mmkd predict --onnx model.onnx --classes classes.txt FILES...
 
 tools:
   inspect    list a model's module paths with output shapes, to choose what to distil:
@@ -47,8 +49,10 @@ def _cause_lines(message: str) -> list[str]:
     return [line for line in causes if not line.startswith("Expected a <class 'NoneType'>")]
 
 
-def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
-    """Build the LightningCLI (model and data in subclass mode, omegaconf parser mode)."""
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True, predict_writer: dict | None = None):
+    """Build the LightningCLI (model and data in subclass mode, omegaconf parser mode). ``predict``
+    adds an :class:`mmkd.predict.PredictionWriter` (``predict_writer``: its options) unless the
+    config has a prediction writer."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -70,6 +74,13 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
             strategy = self.trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one from the config
                 strategy.checkpoint_io = AtomicCheckpointIO()
+
+        def before_predict(self) -> None:
+            from mmkd.predict import add_prediction_writer
+
+            add_prediction_writer(self.trainer, predict_writer or {})
+            if self.config_init["predict"].get("return_predictions") is None:  # written to a file, not also kept in memory
+                self.config_init["predict"]["return_predictions"] = False
 
     class LoggedConfig(SaveConfigCallback):
         """Writes config.yaml beside the logs, and gives every logger the resolved config."""
@@ -291,7 +302,13 @@ def zoo_main(argv: Sequence[str]) -> None:
         raise SystemExit(2) from None
 
 
-COMMANDS = {"zoo": zoo_main, "inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main, "export": export_main}
+def predict_main(argv: Sequence[str]) -> None:
+    from mmkd.predict import main as predict
+
+    predict(argv)
+
+
+COMMANDS = {"predict": predict_main, "zoo": zoo_main, "inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main, "export": export_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -329,11 +346,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors about the user's input (data, shapes, module paths, caches, a diverging loss) that
     mmkd raises while a run sets up or trains, each with a message that names the fix."""
-    from mmkd.core import NonFiniteLossError, TeacherCacheError, UnknownModulePathError
+    from mmkd.core import ClassMapError, NonFiniteLossError, TeacherCacheError, UnknownModulePathError
     from mmkd.core.classifier import DataMismatchError
     from mmkd.heads import ShapeMismatchError
 
-    return (DataMismatchError, FileNotFoundError, NonFiniteLossError, ShapeMismatchError, TeacherCacheError, UnknownModulePathError)
+    return (
+        ClassMapError, DataMismatchError, FileNotFoundError, NonFiniteLossError, ShapeMismatchError, TeacherCacheError,
+        UnknownModulePathError,
+    )  # fmt: skip
 
 
 def _lost_a_peer(err: RuntimeError) -> bool:

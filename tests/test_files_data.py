@@ -204,3 +204,53 @@ def test_index_is_numpy_arrays_not_python_objects(tmp_path: Path, data_root: Pat
     arrays = [value for value in vars(source.names).values()] + [source.labels]
     assert all(isinstance(array, np.ndarray) for array in arrays)
     assert source.names.nbytes < 40 * 40  # about one byte per character of the relative paths
+
+
+@pytest.mark.slow
+def test_a_run_on_an_image_folder_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, data_root: Path) -> None:
+    # `mmkd fit` as a user runs it on their own folder: the data module picked on the command
+    # line, 2 worker processes, random crops and flips; killed after step 5, resumed from step 4
+    from test_distributed import mmkd_fit, weights
+
+    root = image_files.write_layout(tmp_path / "photos", data_root / "fashion-mnist", "folder", [384, 64, 64], size=(40, 36))
+    data = ["--data=mmkd.data.ImageFilesDataModule", f"--data.init_args.root={root}", "--data.init_args.num_workers=2",
+            "--data.init_args.batch_size=32", "--data.init_args.image_size=28", "--data.init_args.channels=1",
+            "--data.init_args.scale=[0.5, 1.0]"]  # fmt: skip
+    common = [*data, "--trainer.max_epochs=2", "--trainer.limit_train_batches=6", "--trainer.callbacks.init_args.every_n_train_steps=2"]
+    config = "teachers/fmnist_resnet10t.yaml"
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=straight")
+    kill = '--trainer.callbacks+={"class_path": "kill_callback.KillAtStep", "init_args": {"step": 5}}'
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", kill, returncode=-9)
+    interrupted = torch.load("killed/last.ckpt", map_location="cpu", weights_only=True)
+    assert interrupted["global_step"] == 4 and interrupted["epoch"] == 0
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", "--ckpt_path=last")
+    straight, resumed = weights("straight/last.ckpt"), weights("killed/last.ckpt")
+    assert torch.load("killed/last.ckpt", weights_only=True)["global_step"] == 12
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_dho_runs_unchanged_on_an_image_folder(tmp_path: Path, data_root: Path) -> None:
+    # the shipped DHO config with only its data swapped for a folder of JPEGs: the CLIP teacher
+    # gets its own view (32 px RGB, CLIP normalisation) of each crop, the student its 28 px grey one
+    from mmkd.cli import lightning_cli
+    from test_distributed import random_clip_teacher
+
+    from conftest import CONFIGS, SHORT
+
+    random_clip_teacher()
+    root = image_files.write_layout(tmp_path / "photos", data_root / "fashion-mnist", "folder", [200, 40, 40], size=(56, 56))
+    inner = "--data.init_args.data.init_args"
+    cli = lightning_cli(["-c", str(CONFIGS / "dho/fmnist.yaml"), *SHORT, "--data.init_args.data=mmkd.data.ImageFilesDataModule",
+                         f"{inner}.root={root}", f"{inner}.num_workers=1", f"{inner}.batch_size=16", f"{inner}.image_size=28",
+                         f"{inner}.channels=1", "--data.init_args.labeled_fraction=0.1"], run=False)  # fmt: skip
+    seen = []
+    cli.model.teacher.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[1:])))
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert set(seen) == {(3, 32, 32)}  # in training (labelled + unlabelled) and validation alike
+    views = cli.datamodule.views
+    assert views["image"].shape == (1, 28, 28) and views["teacher_image"].shape == (3, 32, 32)
+    assert views["teacher_image"].mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert cli.trainer.global_step == 3 and len(cli.datamodule.parts["labeled"]) == 20
+    adapter = next(m for m in cli.model.teacher.modules() if type(m).__name__ == "ImageAdapter")
+    assert adapter.input_mean.flatten().tolist() == pytest.approx(list(views["teacher_image"].mean))  # the adapter changes nothing

@@ -61,9 +61,13 @@ def test_checkpoint_fingerprint_of_a_folder_covers_every_shard(tmp_path: Path, m
 
 
 def test_weights_saved_under_a_prefix_are_named_in_the_error(tmp_path: Path) -> None:
-    path = tmp_path / "ddp.pt"  # the state dict of a DDP-wrapped model
-    torch.save({f"module.{k}": v for k, v in make_model().state_dict().items()}, path)
-    with pytest.raises(RuntimeError, match="do not fit ResNet: missing keys: .*with the prefix 'module.' in front"):
+    source = make_model().state_dict()
+    path = tmp_path / "ddp.pt"  # the state dict of a DDP-wrapped model: DDP's module. is stripped
+    torch.save({f"module.{k}": v for k, v in source.items()}, path)
+    assert all(torch.equal(Teacher(make_model(), checkpoint=str(path)).model.state_dict()[k], v) for k, v in source.items())
+    path = tmp_path / "wrapped.pt"  # under another wrapper's prefix: named, with the fix
+    torch.save({f"student.{k}": v for k, v in source.items()}, path)
+    with pytest.raises(RuntimeError, match="do not fit ResNet: missing keys: .*with the prefix 'student.' in front: load them with checkpoint_prefix"):
         Teacher(make_model(), checkpoint=str(path))
 
 

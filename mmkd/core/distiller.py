@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmkd.core.cache import TeacherCache, TeacherCacheError
+from mmkd.core.class_map import ClassMap, build_class_map
 from mmkd.core.classifier import Classifier, input_keys, to_channels_last
 from mmkd.core.taps import FeatureTap
 from mmkd.core.teacher import Teacher, check_teacher, record_teacher
 from mmkd.heads import ShapeMismatchError, build_head
 
 LOGITS = "logits"
+TEACHER_VIEW = "teacher_image"  # batch entry of the teacher's own view of each image (file data modules)
 
 
 class LossTerm(nn.Module):
@@ -50,7 +53,10 @@ class LossTerm(nn.Module):
         if self.student_source == self.teacher_source == LOGITS and same_classes_needed and student_shape != teacher_shape:
             raise ShapeMismatchError(
                 f"loss term '{self.name}': the student's logits are {student_shape} and the teacher's {teacher_shape}; "
-                "distilling logits needs the same classes: check num_classes of both models"
+                "distilling logits needs the same classes: check num_classes of both models, or, for a teacher of "
+                "other classes, set the distiller's class_map (one list of teacher class indices per student class, "
+                "e.g. model.init_args.class_map=[[3], [7, 8], ...]) to map the teacher's logits onto the student's; "
+                "a student of unrelated classes can learn from feature terms only"
             )
         try:
             if self.head_kind is not None:
@@ -102,6 +108,19 @@ class Distiller(Classifier):
         teacher_input_key: batch entries the teacher takes instead of the student's input, e.g.
             ``audio`` for a cross-modal teacher or ``[image, audio]`` for a fusion teacher; the
             data module's ``input_shape`` is then a dict of shapes per entry.
+        class_map: for a teacher of other classes than the student's: one list of teacher class
+            indices per student class (a 10-class student of 10 ImageNet classes: ``[[0], [217],
+            ...]``; a student class made of several teacher classes: ``[[281, 282, 283], ...]``),
+            a ``{student class name: [teacher indices or names]}`` dict, or a JSON file with
+            either (see :func:`~mmkd.core.class_map.build_class_map`; names are ImageNet WordNet
+            ids or descriptions for timm teachers; a dict's student classes are put in the data
+            module's ``class_names`` order at setup). The teacher's logits are mapped onto the
+            student's classes (:class:`~mmkd.core.class_map.ClassMap`: the logsumexp over each
+            class's teacher classes, so their softmax is the teacher's probabilities summed per
+            student class and renormalised over the mapped classes) before every logit term and
+            the teacher's accuracy, from the teacher's forward pass and the teacher cache alike.
+            Without a map, logits of different class counts are an error for logit terms; feature
+            terms work, and ``val/teacher_acc`` is then skipped.
         **kwargs: optimisation and data keys of :class:`~mmkd.core.classifier.Classifier`.
     """
 
@@ -116,12 +135,15 @@ class Distiller(Classifier):
         input_size: list[int] | dict[str, list[int]] | None = None,
         teacher_cache: str | None = None,
         teacher_input_key: str | list[str] | None = None,
+        class_map: list[list[int | str]] | dict[str, list[int | str]] | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model=student, **kwargs)
         if self.mixup is not None and not self.supports_mixup:
             raise ValueError(f"{type(self).__name__} does not support mixup; remove model.init_args.mixup")
         self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
+        self.class_map: ClassMap | None = build_class_map(class_map, self.teacher.model)
+        self._teacher_acc_skipped = False
         if self.channels_last:
             to_channels_last(self.teacher.model)
         terms = list(terms or [])
@@ -149,6 +171,9 @@ class Distiller(Classifier):
     # -- set-up: heads from observed shapes ----------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        class_names = getattr(getattr(self._trainer, "datamodule", None) if self._trainer else None, "class_names", None)
+        if self.class_map is not None and class_names:  # a map by name follows the data's label order
+            self.class_map = self.class_map.ordered_as(list(class_names))
         if self.feature_shapes is None:
             self.build_heads(self.observe_shapes())
         if stage == "fit" and self.teacher_cache and self._cache is None:
@@ -178,6 +203,8 @@ class Distiller(Classifier):
         if size is None:
             raise ValueError("set input_size (e.g. [1, 28, 28]) or use a data module with an input_shape")
         keys = set(input_keys(self.input_key)) | set(input_keys(self.teacher_input_key or []))
+        if isinstance(size, dict) and self.teacher_input_key is None and TEACHER_VIEW in size:
+            keys.add(TEACHER_VIEW)
         shapes = size if isinstance(size, dict) else dict.fromkeys(keys, size)
         if keys - shapes.keys():
             raise ValueError(f"no input shape for {sorted(keys - shapes.keys())}: the shapes known are {shapes}")
@@ -193,7 +220,10 @@ class Distiller(Classifier):
         self.model.eval()
         try:
             student_features = {LOGITS: self.model(*self.model_inputs(batch)), **self.student_tap.pop()}
-            teacher_features = {LOGITS: self.teacher_forward(batch), **self.teacher_tap.pop()}
+            teacher_logits = self.teacher_forward(batch)
+            if self.class_map is not None:
+                self.class_map.check(_shape(teacher_logits)[-1], _shape(student_features[LOGITS])[-1])
+            teacher_features = {LOGITS: self.map_teacher_logits(teacher_logits), **self.teacher_tap.pop()}
         finally:
             self.model.train(was_training)
         return {
@@ -213,11 +243,44 @@ class Distiller(Classifier):
         return student_input
 
     def teacher_forward(self, batch: dict) -> torch.Tensor:
-        """The teacher's output: on ``teacher_input_key``'s entries when set, else on
+        """The teacher's output: on ``teacher_input_key``'s entries when set, else on the
+        teacher's own view of the batch (``teacher_image``) when the data gives one, else on
         :meth:`teacher_input` of the student's input."""
         if self.teacher_input_key is not None:
             return self.teacher(*(batch[key] for key in input_keys(self.teacher_input_key)))
+        if TEACHER_VIEW in batch:
+            return self.teacher(batch[TEACHER_VIEW])
         return self.teacher(self.teacher_input(batch[self.input_key]))
+
+    def input_views(self) -> dict[str, Any]:
+        """The student's view (:meth:`Classifier.input_views`) and, when the teacher's own
+        preprocessing (timm / open_clip config) differs from it, the teacher's as
+        ``teacher_image``: a file data module then crops each image once and gives each model
+        that crop in its own size and normalisation. Not with ``teacher_input_key`` (the
+        teacher reads other entries)."""
+        from mmkd.data.views import view_of_model
+
+        views = super().input_views()
+        if self.teacher_input_key is None and isinstance(self.input_key, str):
+            teacher_view = view_of_model(self.teacher.model)
+            if teacher_view is not None and teacher_view != views.get(self.input_key):
+                views[TEACHER_VIEW] = teacher_view
+        return views
+
+    def map_teacher_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on the student's classes: through ``class_map`` when one is set."""
+        return logits if self.class_map is None else self.class_map(logits)
+
+    def teacher_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The teacher's logits and tapped features for ``batch``: read from the teacher cache in
+        training when one is set, else from a forward pass; the logits mapped onto the student's
+        classes (:meth:`map_teacher_logits`) either way."""
+        if self._cache is not None and self.training:
+            outputs = self._cache.lookup(batch["index"], batch[self.label_key].device)
+        else:
+            outputs = {LOGITS: self.teacher_forward(batch), **self.teacher_tap.pop()}
+        outputs[LOGITS] = self.map_teacher_logits(outputs[LOGITS])
+        return outputs
 
     def term_scale(self, name: str) -> float:
         """Schedule factor of a term (1 here; DKD's warm-up overrides it)."""
@@ -226,10 +289,7 @@ class Distiller(Classifier):
     def distillation_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         labels = batch[self.label_key]
         student = {LOGITS: self.model(*self.model_inputs(batch)), **self.student_tap.pop()}
-        if self._cache is not None and self.training:
-            teacher = self._cache.lookup(batch["index"], labels.device)
-        else:
-            teacher = {LOGITS: self.teacher_forward(batch), **self.teacher_tap.pop()}
+        teacher = self.teacher_outputs(batch)
         losses = {"ce": self.ce_weight * self.ce_loss(student[LOGITS], labels)} if self.ce_weight else {}
         for name, term in self.terms.items():
             value = term(student[term.student_source], teacher[term.teacher_source], labels)
@@ -241,9 +301,19 @@ class Distiller(Classifier):
 
     # -- validation: the student, and the teacher once -----------------------------------------
     def update_teacher_accuracy(self, batch: dict) -> None:
-        """The teacher's validation accuracy is measured once, in the first validation epoch."""
-        if self.teacher_val_result is None and not self.trainer.sanity_checking:
-            self.teacher_val_acc.update(self.teacher_forward(batch), batch[self.label_key])
+        """The teacher's validation accuracy is measured once, in the first validation epoch, on
+        its logits mapped by ``class_map``; a teacher whose logits are not over the student's
+        classes (no map) has none, which is said once."""
+        if self.teacher_val_result is None and not self.trainer.sanity_checking and not self._teacher_acc_skipped:
+            logits = self.map_teacher_logits(self.teacher_forward(batch))
+            if logits.ndim != 2 or logits.shape[-1] != self.num_classes:
+                self._teacher_acc_skipped = True
+                rank_zero_info(
+                    f"val/teacher_acc skipped: the teacher's outputs {list(logits.shape[1:])} are not logits over the "
+                    f"student's {self.num_classes} classes (set class_map to map a teacher of other classes)"
+                )
+                return
+            self.teacher_val_acc.update(logits, batch[self.label_key])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
@@ -252,7 +322,7 @@ class Distiller(Classifier):
         self.teacher_tap.clear()
 
     def on_validation_epoch_end(self) -> None:
-        if self.teacher_val_result is None and not self.trainer.sanity_checking:
+        if self.teacher_val_result is None and not self.trainer.sanity_checking and not self._teacher_acc_skipped:
             self.teacher_val_result = float(self.teacher_val_acc.compute())
             self.teacher_val_acc.reset()
         if self.teacher_val_result is not None:

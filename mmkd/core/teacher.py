@@ -39,16 +39,24 @@ class Teacher(nn.Module):
 
     Args:
         model: the teacher network (its module paths are what teacher taps address).
-        checkpoint: optional weights file loaded strictly (``.safetensors``, Lightning ``.ckpt``
-            of an mmkd ``Classifier``, or a ``torch.save``d state dict).
+        checkpoint: optional weights file loaded strictly: ``.safetensors``, a ``.pth``/``.bin``
+            state dict, a timm training checkpoint (``state_dict_ema`` if it has one, else
+            ``state_dict``), a dict with ``model``, a Lightning ``.ckpt`` of an mmkd run (its
+            ``model.`` weights), an FSDP2 checkpoint folder or ``zoo:NAME``; a ``module.`` (DDP)
+            prefix on every key is stripped (:func:`~mmkd.core.checkpoint.load_state_dict_file`).
+            Its sha256 is recorded in :meth:`reference`.
         bf16: run the forward pass under bfloat16 autocast.
+        checkpoint_prefix: load only the file's keys under this prefix, stripped of it (e.g.
+            ``"student."`` or ``"backbone."`` of a file that holds a larger model).
     """
 
-    def __init__(self, model: nn.Module, checkpoint: str | None = None, bf16: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, checkpoint: str | None = None, bf16: bool = False, checkpoint_prefix: str | None = None
+    ) -> None:
         super().__init__()
         if checkpoint:
             try:
-                load_weights(model, checkpoint)
+                load_weights(model, checkpoint, checkpoint_prefix)
             except FileNotFoundError as err:
                 raise FileNotFoundError(
                     f"teacher weights not found: {checkpoint}. Train the teacher first (the header of each "

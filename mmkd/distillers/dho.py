@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from mmkd.core.distiller import Distiller
+from mmkd.core.distiller import TEACHER_VIEW, Distiller
 from mmkd.losses import kd_loss
 from mmkd.models.adapter import set_input_normalization
 from mmkd.models.clip import create_clip, zero_shot_weights
@@ -180,12 +180,13 @@ class DHO(Distiller):
 
     Differences from the official code:
 
-    - The teacher sees the student's view resized to its own resolution. The official script
-      takes one random crop at the teacher's resolution and resizes that crop to both sizes, so
-      its teacher gets more detail when the source images are larger than the student's input
-      (224 vs 378 px on ImageNet). On 28-px Fashion-MNIST both are resamplings of the same 28-px
-      crop. For large images, give the teacher its own view: a data module that adds a
-      teacher-resolution copy of each crop under another key, read with ``teacher_input_key``.
+    - On the in-memory data sets the teacher sees the student's view resized to its own
+      resolution. The official script takes one random crop at the teacher's resolution and
+      resizes that crop to both sizes, so its teacher gets more detail when the source images
+      are larger than the student's input (224 vs 378 px on ImageNet). On 28-px Fashion-MNIST
+      both are resamplings of the same 28-px crop. On files
+      (:class:`~mmkd.data.files.ImageFilesDataModule`) the teacher gets its own view of the one
+      crop (``teacher_image``, from the CLIP's ``preprocess_cfg``), as the official script does.
     - The learning-rate schedule is warm-up then cosine to 0 (``warmup_epochs``). The official
       ``ChainedScheduler`` multiplies the two from step 0, so its cosine starts lower and ends
       early.
@@ -251,7 +252,7 @@ class DHO(Distiller):
     def setup(self, stage: str) -> None:
         datamodule = self._trainer.datamodule if self._trainer else None
         if datamodule is not None:
-            set_input_normalization(self.teacher, datamodule)
+            set_input_normalization(self.teacher, datamodule, view=TEACHER_VIEW)
         super().setup(stage)
 
     # -- training ------------------------------------------------------------------------------
@@ -261,11 +262,12 @@ class DHO(Distiller):
         if self.kd_weight == 0:
             ce_logits, _ = self.student.forward_heads(labeled[self.input_key])
             return self.total_loss({"ce": self.ce_weight * self.ce_loss(ce_logits, labels)}, "train", len(labels))
-        images = torch.cat([labeled[self.input_key], unlabeled[self.input_key]])
+        both = {key: torch.cat([labeled[key], unlabeled[key]]) for key in (self.input_key, TEACHER_VIEW) if key in labeled}
+        images = both[self.input_key]
         ce_logits, kd_logits = self.student.forward_heads(images)
         if self.single_head:
             kd_logits = ce_logits
-        teacher_logits = self.teacher(images)
+        teacher_logits = self.map_teacher_logits(self.teacher_forward(both))
         n = len(labels)
         ce = self.ce_loss(ce_logits[:n], labels)
         kd_labeled = kd_loss(kd_logits[:n], teacher_logits[:n], self.temperature)

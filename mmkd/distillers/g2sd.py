@@ -202,7 +202,7 @@ class G2SDSpecific(Distiller):
     def distillation_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         images, targets = self.mix(batch[self.input_key], batch[self.label_key])
         cls_logits, dist_logits = self.model.forward_heads(images)
-        teacher_logits = self.teacher(images)
+        teacher_logits = self.map_teacher_logits(self.teacher(images))
         if self.distillation == "hard":
             dist_loss = F.cross_entropy(dist_logits.float(), teacher_logits.argmax(-1))
         else:

@@ -73,12 +73,16 @@ class ImageAdapter(nn.Module):
         return (pixels - self.mean.to(device)) / self.std.to(device)
 
 
-def set_input_normalization(module: nn.Module, datamodule: Any) -> None:
+def set_input_normalization(module: nn.Module, datamodule: Any, view: str | None = None) -> None:
     """Give every :class:`ImageAdapter` under ``module`` that lacks one the data module's
-    ``mean``/``std``."""
+    ``mean``/``std``, or those of its ``view`` (e.g. ``teacher_image``) where it gives one: a
+    file data module's teacher view is already at the teacher's size and normalisation, so the
+    adapter then changes nothing."""
+    views = getattr(datamodule, "views", None) if view is not None else None
+    chosen = views.get(view) if isinstance(views, dict) else None
     for adapter in module.modules():
         if isinstance(adapter, ImageAdapter) and adapter.input_mean is None:
-            mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+            mean, std = (chosen.mean, chosen.std) if chosen is not None else (getattr(datamodule, "mean", None), getattr(datamodule, "std", None))
             if mean is None or std is None:
                 raise ValueError(f"{type(datamodule).__name__} has no mean/std; set input_mean/input_std of the ImageAdapter")
             adapter.set_input_normalization(mean, std)

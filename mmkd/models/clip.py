@@ -56,8 +56,10 @@ def _register_configs() -> None:
 
 def create_clip(name: str, pretrained: str | None = None) -> nn.Module:
     """An open_clip model by name, with weights from a tag (``"openai"``, ``"dfn5b"``: downloaded
-    by open_clip) or a local file (open_clip ``.pt``/``.bin``/``.safetensors``, or a checkpoint of
-    :class:`CLIPTrainer`). Configs shipped with mmkd (``mmkd-clip-tiny``) are registered with
+    by open_clip) or a local file, loaded strictly: a ``torch.save(model.state_dict())`` file
+    (``.pt``/``.pth``/``.bin``), a ``.safetensors`` file, an open_clip training checkpoint
+    (``state_dict`` with DDP's ``module.`` prefix, stripped), or a checkpoint of
+    :class:`CLIPTrainer`. Configs shipped with mmkd (``mmkd-clip-tiny``) are registered with
     open_clip first."""
     import open_clip
 
@@ -81,10 +83,7 @@ def create_clip(name: str, pretrained: str | None = None) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"CLIP weights not found: {path}. Train them with `mmkd fit -c configs/dho/clip_fmnist.yaml` or fix the path.")
     model = _random_init_quietly(name)
-    state = load_state_dict_file(path)
-    if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
-        state = {k[len("module."):]: v for k, v in state.items()}
-    load_state(model, state, str(path))
+    load_state(model, load_state_dict_file(path), str(path))  # a DDP run's ``module.`` prefix is stripped there
     return model
 
 
