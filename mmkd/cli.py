@@ -121,24 +121,29 @@ def inspect_main(argv: Sequence[str]) -> None:
     parser.add_argument("--in-chans", type=int, default=1)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--depth", type=int, default=None, help="show paths up to this many dots deep")
-    args = parser.parse_args(list(argv))
+    args, overrides = parser.parse_known_args(list(argv))
     if bool(args.model) == bool(args.config):
         parser.error("give either a timm model name or -c CONFIG")
+    if overrides and not args.config:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)} (config overrides go with -c CONFIG)")
     if args.model:
         from mmkd.models import timm_model
 
         models = {args.model: timm_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)}
         size = args.input_size or [args.in_chans, 224, 224]
     else:
-        cli = lightning_cli(["-c", args.config], run=False)
+        cli = lightning_cli(["-c", args.config, *overrides], run=False)
         module = cli.model
         models = {"student": module.student if hasattr(module, "student") else module.model}
         if hasattr(module, "teacher"):
             models["teacher"] = module.teacher.model
+        if hasattr(cli.datamodule, "views_for"):  # a file data module: the models' own views
+            cli.datamodule.views_for(module)
         size = args.input_size or getattr(cli.datamodule, "input_shape", [3, 224, 224])
     sizes = dict.fromkeys(models, size)
     if isinstance(size, dict):  # several modalities: each network on its own input
-        keys = {"student": module.input_key, "teacher": getattr(module, "teacher_input_key", None) or module.input_key}
+        teacher_key = getattr(module, "teacher_input_key", None) or ("teacher_image" if "teacher_image" in size else module.input_key)
+        keys = {"student": module.input_key, "teacher": teacher_key}
         for title in list(models):
             if isinstance(keys[title], str):
                 sizes[title] = size[keys[title]]
@@ -240,6 +245,8 @@ def export_main(argv: Sequence[str]) -> None:
                     "encoder to export_dir; export the student of a classification or detection config)"
                 )
             student, key, datamodule = student_from_checkpoint(cli.model.model, args.ckpt_path), cli.model.input_key, cli.datamodule
+            if hasattr(datamodule, "views_for"):  # a file data module: the student's own view
+                datamodule.views_for(cli.model)
             out = args.out or f"{str(args.ckpt_path).rstrip('/')}.onnx"
     except (FileNotFoundError, RuntimeError, ValueError) as err:  # missing or corrupt weights, unknown zoo names
         print(f"mmkd: error: {err}", file=sys.stderr)

@@ -254,3 +254,55 @@ def test_dho_runs_unchanged_on_an_image_folder(tmp_path: Path, data_root: Path) 
     assert cli.trainer.global_step == 3 and len(cli.datamodule.parts["labeled"]) == 20
     adapter = next(m for m in cli.model.teacher.modules() if type(m).__name__ == "ImageAdapter")
     assert adapter.input_mean.flatten().tolist() == pytest.approx(list(views["teacher_image"].mean))  # the adapter changes nothing
+
+
+def test_randaugment_and_random_erasing_are_timms_and_reproducible(tmp_path: Path, data_root: Path) -> None:
+    root = image_files.write_layout(tmp_path / "d", data_root / "fashion-mnist", "folder", [40, 10, 10], size=(64, 64))
+    views = {"image": {"size": 48}}
+    plain = module(root, views=views).splits["train"]
+    augmented = module(root, views=views, auto_augment="rand-m9-mstd0.5-inc1", re_prob=1.0).splits["train"]
+    again = module(root, views=views, auto_augment="rand-m9-mstd0.5-inc1", re_prob=1.0, num_workers=2).splits["train"]
+    for index in range(6):
+        a = augmented[(index, 3)]["image"]
+        assert torch.equal(a, again[(index, 3)]["image"])  # a function of (seed, epoch, index)
+        assert not torch.equal(a, plain[(index, 3)]["image"])
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    augmented[(0, 0)]
+    assert torch.equal(torch.rand(1), before)  # the global RNG streams are left as they were
+    with pytest.raises(ValueError, match="not a timm RandAugment"):
+        module(root, views=views, auto_augment="bogus")
+
+
+def test_teacher_cache_and_inspect_on_files_use_the_models_views(tmp_path: Path, data_root: Path, teacher_in_place: Path, capsys) -> None:
+    from mmkd.cli import main
+    from mmkd.core import TeacherCache
+
+    from conftest import CONFIGS, SHORT
+
+    root = image_files.write_layout(tmp_path / "d", data_root / "fashion-mnist", "folder", [64, 16, 16], size=(40, 40))
+    data = ["--data=mmkd.data.ImageFilesDataModule", f"--data.init_args.root={root}", "--data.init_args.num_workers=1",
+            "--data.init_args.image_size=28", "--data.init_args.channels=1", "--data.init_args.augment=false"]  # fmt: skip
+    config = str(CONFIGS / "kd/fmnist_fitnets.yaml")
+    main(["cache", "-c", config, "--out", "cache", *data])
+    assert len(TeacherCache("cache")) == 64
+    main(["fit", "-c", config, *data, *SHORT, "--model.init_args.teacher_cache=cache"])  # its fingerprint is the run's
+    capsys.readouterr()
+    main(["inspect", "-c", config, *data, "--depth", "1"])
+    assert "[1, 64, 4, 4]" in capsys.readouterr().out  # the teacher's layer2 on 28 px inputs (224 px would give 28 x 28)
+    with pytest.raises(SystemExit):
+        main(["cache", "-c", config, "--out", "cache2", *data[:-1]])  # random crops: refused, as for the in-memory sets
+
+
+@pytest.mark.slow
+def test_ddp_trains_on_an_image_folder_with_workers(tmp_path: Path, data_root: Path) -> None:
+    # two gloo processes, each with its DataLoader worker; the sampler gives each its half of the folder
+    from test_distributed import DDP, mmkd_fit, weights
+
+    root = image_files.write_layout(tmp_path / "photos", data_root / "fashion-mnist", "folder", [128, 32, 32], size=(40, 36))
+    mmkd_fit("teachers/fmnist_resnet10t.yaml", *DDP, "--data=mmkd.data.ImageFilesDataModule", f"--data.init_args.root={root}",
+             "--data.init_args.num_workers=1", "--data.init_args.batch_size=16", "--data.init_args.image_size=28",
+             "--data.init_args.channels=1", "--trainer.callbacks.init_args.dirpath=ddp")  # fmt: skip
+    checkpoint = torch.load("ddp/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 3 and all(torch.isfinite(value).all() for value in weights("ddp/last.ckpt").values())

@@ -178,6 +178,8 @@ def build_teacher_cache(
         raise FileExistsError(f"{out} exists; pass --overwrite to rebuild it")
     if not hasattr(datamodule, "teacher_cache_loader"):
         raise TeacherCacheError(f"{type(datamodule).__name__} does not declare teacher_cache_loader(); it cannot be cached")
+    if hasattr(datamodule, "views_for"):  # a file data module: each model's view, as in training
+        datamodule.views_for(distiller)
     datamodule.prepare_data()
     datamodule.setup("fit")
     loader, data_fingerprint = datamodule.teacher_cache_loader(batch_size)

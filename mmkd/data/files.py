@@ -202,6 +202,7 @@ class ImageFilesDataModule(SplitsDataModule):
         if on_bad_file not in ("raise", "skip"):
             raise ValueError(f"on_bad_file must be 'raise' or 'skip', got {on_bad_file!r}")
         self._views: dict[str, ViewSpec] | None = None
+        self._model_for_views: Any = None
         self._hf: dict[str, Any] | None = None
         self.bad_files: list[str] = []
 
@@ -218,7 +219,7 @@ class ImageFilesDataModule(SplitsDataModule):
     def _resolve_views(self) -> dict[str, ViewSpec]:
         if self.explicit_views:
             return dict(self.explicit_views)
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        module = self._model_for_views or (self.trainer.lightning_module if self.trainer is not None else None)
         wanted: dict[str, ViewSpec | None] = module.input_views() if module is not None and hasattr(module, "input_views") else {}
         student_key = next(iter(wanted), "image")
         student = wanted.get(student_key) or ViewSpec()
@@ -234,6 +235,11 @@ class ImageFilesDataModule(SplitsDataModule):
         if self.teacher_view is not None and "teacher_image" not in views:
             views["teacher_image"] = self.teacher_view
         return views
+
+    def views_for(self, module: Any) -> None:
+        """Take the default views from ``module`` (its ``input_views()``) when no trainer attaches
+        one: ``mmkd cache``, ``export`` and ``inspect`` build the data module alone."""
+        self._model_for_views, self._views = module, None
 
     @property
     def input_shape(self) -> tuple[int, ...] | dict[str, tuple[int, ...]]:

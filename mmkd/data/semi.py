@@ -119,6 +119,10 @@ class SemiSupervisedDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self.data.prepare_data()
 
+    def views_for(self, module: Any) -> None:
+        if hasattr(self.data, "views_for"):
+            self.data.views_for(module)
+
     def _listed(self, train: Any) -> torch.Tensor:
         """Positions in ``train`` of the samples ``labeled_list`` names (an unknown name is an error)."""
         path = Path(self.labeled_list).expanduser()

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmkd.data.common import _MASK32, _fmix32
+from mmkd.data.common import _MASK32
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +59,8 @@ class ViewSpec:
         return (self.channels, *self.size)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values (lists, not tuples): what a JSON fingerprint reads back."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
 
 def view_spec(value: ViewSpec | dict | None) -> ViewSpec | None:
@@ -95,13 +96,25 @@ def view_of_model(model: nn.Module) -> ViewSpec | None:
 
 
 # -- random draws from (seed, epoch, index) -------------------------------------------------------
+def _fmix32_np(h: np.ndarray) -> np.ndarray:
+    """:func:`~mmkd.data.common._fmix32` on int64 numpy arrays (the same wrapping arithmetic)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
 def sample_uniforms(seed: int, epoch: int, index: int, stream: int, count: int) -> list[float]:
-    """``count`` floats in [0, 1) that depend only on (seed, epoch, index, stream)."""
-    base = torch.full((count,), index, dtype=torch.long)
-    state = _fmix32(base & _MASK32)
-    for value in (torch.arange(count) + stream * 1000, torch.full((count,), epoch), torch.full((count,), seed)):
-        state = _fmix32((state ^ ((value * 0x9E3779B1) & _MASK32)) + 0x7F4A7C15 & _MASK32)
-    return (state.double() / 2**32).tolist()
+    """``count`` floats in [0, 1) that depend only on (seed, epoch, index, stream).
+
+    The hash of :func:`~mmkd.data.common.sample_randint` (int64 arithmetic, products wrapping),
+    in numpy: a sample draws these twice, and a dozen torch calls on 40-element tensors cost
+    more than the rest of the crop's bookkeeping."""
+    state = _fmix32_np(np.full(count, index, dtype=np.int64) & _MASK32)
+    for value in (np.arange(count, dtype=np.int64) + stream * 1000, np.full(count, epoch, dtype=np.int64), np.full(count, seed, dtype=np.int64)):
+        state = _fmix32_np(((state ^ ((value * 0x9E3779B1) & _MASK32)) + 0x7F4A7C15) & _MASK32)
+    return (state.astype(np.float64) / 2**32).tolist()
 
 
 def random_resized_crop_box(
@@ -145,6 +158,9 @@ def center_crop_box(width: int, height: int, view: ViewSpec) -> tuple[float, flo
     return (left, top, left + crop_w, top + crop_h)
 
 
+_AUTO_AUGMENT_KINDS = ("rand", "augmix", "original", "v0", "3a")
+
+
 @dataclass
 class Augment:
     """Training augmentation of the file data modules.
@@ -163,6 +179,13 @@ class Augment:
     auto_augment: str | None = None
     re_prob: float = 0.0
     re_mode: str = "pixel"
+
+    def __post_init__(self) -> None:  # a config mistake, said at setup rather than as a bad image
+        if self.auto_augment and not self.auto_augment.startswith(_AUTO_AUGMENT_KINDS):
+            raise ValueError(
+                f"auto_augment {self.auto_augment!r} is not a timm RandAugment ('rand-m9-mstd0.5-inc1'), "
+                "AutoAugment ('original', 'v0', '3a') or AugMix ('augmix-m5-w4-d2') string"
+            )
 
 
 class _seeded:
@@ -185,12 +208,14 @@ class _seeded:
 
 
 def _to_tensor(image: Image.Image, view: ViewSpec) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.uint8)
-    pixels = torch.from_numpy(array.copy()).float().div_(255.0)
-    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    # HWC uint8 -> contiguous CHW uint8 first (as torchvision's to_tensor does), then the float
+    # arithmetic on contiguous memory: the same values, about 3x faster than normalising the
+    # channels-last view
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
     mean = torch.tensor(view.mean).view(-1, 1, 1)
     std = torch.tensor(view.std).view(-1, 1, 1)
-    return pixels.sub_(mean).div_(std)
+    return pixels.float().div_(255.0).sub_(mean).div_(std)
 
 
 def decode_views(
@@ -247,7 +272,7 @@ def decode_views(
             mode = "L" if view.channels == 1 else "RGB"
             source = canonical if canonical is not None else decoded
             source_box = (0, 0, *canonical.size) if canonical is not None else box
-            picture = source.convert(mode).resize((view.size[1], view.size[0]), _RESAMPLE[view.interpolation], box=source_box)
+            picture = (source if source.mode == mode else source.convert(mode)).resize((view.size[1], view.size[0]), _RESAMPLE[view.interpolation], box=source_box)
             if flip:
                 picture = picture.transpose(Image.FLIP_LEFT_RIGHT)
             tensor = _to_tensor(picture, view)
