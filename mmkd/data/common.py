@@ -92,19 +92,22 @@ class EpochShuffleSampler(DistributedSampler):
         self.resume_epoch, self.resume_skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order, keys = [], []
+        # int64 tensors, not lists: a list of a million Python ints per epoch costs ~36 MB
+        orders, keys = [], []
         for pass_ in range(self.passes):
             seed = self.seed * 7919 + self.epoch
             generator = torch.Generator().manual_seed(seed * 1_000_003 + pass_ if pass_ else seed)
-            order += torch.randperm(self.dataset_size, generator=generator).tolist()
-            keys += [self.epoch * self.passes + pass_] * self.dataset_size
+            orders.append(torch.randperm(self.dataset_size, generator=generator))
+            keys.append(torch.full((self.dataset_size,), self.epoch * self.passes + pass_, dtype=torch.long))
+        order, key = torch.cat(orders), torch.cat(keys)
         padding = max(0, self.total_size - len(order))  # so that every rank gets as many
-        order, keys = order + order[:padding], keys + keys[:padding]
+        order, key = torch.cat([order, order[:padding]]), torch.cat([key, key[:padding]])
         skip = self.resume_skip if self.epoch == self.resume_epoch else 0
         self.resume_epoch, self.resume_skip = -1, 0
-        positions = range(self.rank + skip * self.num_replicas, self.total_size, self.num_replicas)
-        for position in positions:
-            yield order[position], keys[position]
+        mine = slice(self.rank + skip * self.num_replicas, self.total_size, self.num_replicas)
+        order, key = order[mine], key[mine]
+        for start in range(0, len(order), 4096):  # a few thousand Python ints at a time
+            yield from zip(order[start : start + 4096].tolist(), key[start : start + 4096].tolist())
 
 
 class ResumableDataLoader(DataLoader):
