@@ -41,6 +41,15 @@ class TeacherCacheError(RuntimeError):
     """A cache that is missing, corrupt, or made for another teacher, data or transform."""
 
 
+def refuse_random_augmentation(datamodule: object) -> None:
+    """A data module's ``teacher_cache_loader`` refuses a training split augmented at random."""
+    if getattr(datamodule, "augment", False):
+        raise TeacherCacheError(
+            f"{type(datamodule).__name__} augments the training images at random, so the teacher would see other "
+            "inputs than the cached ones: set --data.init_args.augment=false to use a teacher cache"
+        )
+
+
 def tensor_sha256(*tensors: torch.Tensor) -> str:
     """sha256 over the raw bytes of tensors, in order (their content fingerprint)."""
     digest = hashlib.sha256()

@@ -22,7 +22,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser on int64 tensors (products wrap; the low 32 bits are exact)."""
+    """MurmurHash3's 32-bit finaliser on int64 tensors or numpy arrays (products wrap; the low 32 bits are exact)."""
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & _MASK32
     h = h ^ (h >> 13)

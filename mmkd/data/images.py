@@ -136,13 +136,9 @@ class IDXImageDataModule(InMemoryDataModule):
     def teacher_cache_loader(self, batch_size: int) -> tuple[DataLoader, dict]:
         """The training split in index order for a teacher-output cache, and its fingerprint
         (content, normalisation, transform). Refused with random augmentation (see mmkd.core.cache)."""
-        from mmkd.core.cache import TeacherCacheError, tensor_sha256
+        from mmkd.core.cache import refuse_random_augmentation, tensor_sha256
 
-        if self.augment:
-            raise TeacherCacheError(
-                f"{type(self).__name__} augments the training images at random, so the teacher would see other "
-                "inputs than the cached ones: set --data.init_args.augment=false to use a teacher cache"
-            )
+        refuse_random_augmentation(self)
         train = self.splits["train"]
         fingerprint = {
             "data": type(self).__name__, "train_samples": len(train),

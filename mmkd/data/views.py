@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmkd.data.common import _MASK32
+from mmkd.data.common import _MASK32, _fmix32
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,24 +96,15 @@ def view_of_model(model: nn.Module) -> ViewSpec | None:
 
 
 # -- random draws from (seed, epoch, index) -------------------------------------------------------
-def _fmix32_np(h: np.ndarray) -> np.ndarray:
-    """:func:`~mmkd.data.common._fmix32` on int64 numpy arrays (the same wrapping arithmetic)."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
 def sample_uniforms(seed: int, epoch: int, index: int, stream: int, count: int) -> list[float]:
     """``count`` floats in [0, 1) that depend only on (seed, epoch, index, stream).
 
     The hash of :func:`~mmkd.data.common.sample_randint` (int64 arithmetic, products wrapping),
-    in numpy: a sample draws these twice, and a dozen torch calls on 40-element tensors cost
-    more than the rest of the crop's bookkeeping."""
-    state = _fmix32_np(np.full(count, index, dtype=np.int64) & _MASK32)
+    on numpy arrays: a sample draws these twice, and a dozen torch calls on 40-element tensors
+    cost more than the rest of the crop's bookkeeping."""
+    state = _fmix32(np.full(count, index, dtype=np.int64) & _MASK32)
     for value in (np.arange(count, dtype=np.int64) + stream * 1000, np.full(count, epoch, dtype=np.int64), np.full(count, seed, dtype=np.int64)):
-        state = _fmix32_np(((state ^ ((value * 0x9E3779B1) & _MASK32)) + 0x7F4A7C15) & _MASK32)
+        state = _fmix32(((state ^ ((value * 0x9E3779B1) & _MASK32)) + 0x7F4A7C15) & _MASK32)
     return (state.astype(np.float64) / 2**32).tolist()
 
 
