@@ -8,7 +8,7 @@ ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
 export MMKD_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: install demo test test-fast bench-kd bench-kd-short bench-g2sd bench-dho bench-mst bench-losses bench-train clean
+.PHONY: install demo test test-fast bench-kd bench-kd-short bench-g2sd bench-dho bench-mst bench-losses bench-train bench-data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-losses: install  ## fused losses vs eager / torch.compile, CPU (and CUDA w
 
 bench-train: install  ## KD step samples/s: teacher online vs cached, bf16, channels_last, compile -> bench/train_kd_cpu.json
 	$(PY) tools/bench_train.py
+
+bench-data: install  ## image files: decode+crop images/s vs torchvision ImageFolder (workers 0/1/2), loader memory 20k vs 1M files (~8 min) -> bench/data_*.json
+	$(PY) tools/bench_data.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -92,22 +92,21 @@ class EpochShuffleSampler(DistributedSampler):
         self.resume_epoch, self.resume_skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        # int64 tensors, not lists: a list of a million Python ints per epoch costs ~36 MB
-        orders, keys = [], []
-        for pass_ in range(self.passes):
-            seed = self.seed * 7919 + self.epoch
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + pass_ if pass_ else seed)
-            orders.append(torch.randperm(self.dataset_size, generator=generator))
-            keys.append(torch.full((self.dataset_size,), self.epoch * self.passes + pass_, dtype=torch.long))
-        order, key = torch.cat(orders), torch.cat(keys)
-        padding = max(0, self.total_size - len(order))  # so that every rank gets as many
-        order, key = torch.cat([order, order[:padding]]), torch.cat([key, key[:padding]])
+        # One permutation per pass, kept as int64 tensors (a list of a million Python ints costs
+        # ~36 MB); this rank's positions index them, the padding wrapping round to the start.
+        seed = self.seed * 7919 + self.epoch
+        perms = [
+            torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(seed * 1_000_003 + pass_ if pass_ else seed))
+            for pass_ in range(self.passes)
+        ]
+        order = perms[0] if self.passes == 1 else torch.cat(perms)
         skip = self.resume_skip if self.epoch == self.resume_epoch else 0
         self.resume_epoch, self.resume_skip = -1, 0
-        mine = slice(self.rank + skip * self.num_replicas, self.total_size, self.num_replicas)
-        order, key = order[mine], key[mine]
-        for start in range(0, len(order), 4096):  # a few thousand Python ints at a time
-            yield from zip(order[start : start + 4096].tolist(), key[start : start + 4096].tolist())
+        first, step = self.rank + skip * self.num_replicas, self.num_replicas
+        for start in range(first, self.total_size, 4096 * step):  # a few thousand Python ints at a time
+            positions = torch.arange(start, min(start + 4096 * step, self.total_size), step) % len(order)
+            keys = self.epoch * self.passes + positions // self.dataset_size  # the pass a position falls in
+            yield from zip(order[positions].tolist(), keys.tolist())
 
 
 class ResumableDataLoader(DataLoader):

@@ -60,7 +60,7 @@ class ImageFileDataset(Dataset):
 
     @property
     def labels(self) -> torch.Tensor:
-        return torch.from_numpy(self.source.labels)
+        return torch.from_numpy(self.source.labels).long()
 
     def sample_key(self, i: int) -> str:
         return self.source.key(i)
