@@ -25,6 +25,7 @@ from mmkd.data.detection import (
     detection_targets,
 )
 from mmkd.data.images import FASHION_MNIST_CLASSES
+from mmkd.data.sources import StringArena
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"train": 20, "val": 5, "test": 5}
@@ -260,3 +261,91 @@ def test_detection_predictions_by_hand() -> None:
     (target,) = detection_targets([{"boxes": boxes[0, :1], "labels": torch.tensor([4]), "orig_size": sizes[0]}])
     torch.testing.assert_close(target["boxes"], torch.tensor([q0]))
     assert target["labels"].tolist() == [4]
+
+
+# -- on disk: the COCO 2017 layout, JPEG files, lazy decoding in workers, a compact index -----------
+@pytest.fixture(scope="module")
+def coco_layout(tmp_path_factory: pytest.TempPathFactory, fmnist: Path) -> Path:
+    return tool.compose(tmp_path_factory.mktemp("coco") / "coco", fmnist, {"train": 6, "val": 3}, layout="coco2017")
+
+
+def test_compose_writes_the_coco_2017_layout_as_jpeg(coco_layout: Path, quick_set: Path, fmnist: Path) -> None:
+    assert sorted(p.name for p in coco_layout.iterdir()) == ["annotations", "train2017", "val2017"]
+    assert sorted(p.name for p in (coco_layout / "annotations").iterdir()) == ["instances_train2017.json", "instances_val2017.json"]
+    train = json.loads((coco_layout / "annotations/instances_train2017.json").read_text())
+    assert [info["file_name"] for info in train["images"]] == [f"{i:012d}.jpg" for i in range(1, 7)]
+    with Image.open(coco_layout / "train2017/000000000001.jpg") as image:
+        assert image.format == "JPEG" and image.size == (128, 128)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    # the same scene as the PNG of the splits layout (same seed, split and index), up to JPEG's error
+    png = np.asarray(Image.open(quick_set / "train/images/000000.png"), dtype=np.float64)
+    assert np.abs(pixels - png).mean() < 6
+    # and the same boxes, exactly
+    assert [a["bbox"] for a in train["annotations"] if a["image_id"] == 1] == [a["bbox"] for a in _instances(quick_set, "train")["annotations"] if a["image_id"] == 1]
+    with pytest.raises(ValueError, match="train and val only"):
+        tool.compose(coco_layout.parent / "other", Path("unused"), {"train": 1, "test": 1}, layout="coco2017")
+    # the splits layout in JPEG: the same boxes, and the data module reads it
+    jpeg = tool.compose(coco_layout.parent / "jpeg_splits", fmnist, {"train": 2, "val": 1, "test": 1}, image_format="jpg")
+    assert _instances(jpeg, "train")["images"][0]["file_name"] == "images/000000.jpg"
+    assert _instances(jpeg, "train")["annotations"] == _instances(quick_set, "train")["annotations"][: len(_instances(jpeg, "train")["annotations"])]
+    image, target = CocoDetection(jpeg / "train", image_size=64)[0]
+    assert image.shape == (3, 64, 64) and len(target["boxes"]) == len([a for a in _instances(jpeg, "train")["annotations"] if a["image_id"] == 1])
+
+
+def test_data_module_reads_the_coco_2017_layout_lazily_in_workers(coco_layout: Path) -> None:
+    dm = CocoDetectionDataModule(root=str(coco_layout), batch_size=2, image_size=64, num_workers=1)
+    assert dm.layout == "coco2017" and dm.num_classes == 10 and dm.class_names == FASHION_MNIST_CLASSES  # before setup too
+    dm.setup("fit")
+    train, val = dm.splits["train"], dm.splits["val"]
+    assert train.images is None and val.images is None  # nothing decoded at setup
+    assert dm.splits["test"] is val and train.folder == coco_layout / "train2017"  # test = val2017, indexed once
+    # the index: numpy arrays and one string buffer, no per-image Python objects
+    index = train.index
+    assert isinstance(index.file_names, StringArena) and index.file_names[0] == "000000000001.jpg"
+    for array in (index.image_ids, index.sizes, index.box_offsets, index.boxes, index.labels):
+        assert isinstance(array, np.ndarray) and array.dtype != object
+    instances = json.loads((coco_layout / "annotations/instances_train2017.json").read_text())
+    assert index.box_offsets[-1] == len(instances["annotations"]) == len(index.boxes) == len(index.labels)
+    for i, info in enumerate(instances["images"]):
+        boxes, labels = train.target_boxes(i)
+        mine = [a for a in instances["annotations"] if a["image_id"] == info["id"]]
+        assert boxes.tolist() == [a["bbox"] for a in mine] and labels.tolist() == [a["category_id"] - 1 for a in mine]
+    # batches come from a worker process and equal the dataset's own decoding
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 1
+    batch = next(iter(loader))
+    assert batch["image"].shape == (2, 3, 64, 64) and len(batch["targets"]) == 2
+    again = train.__getitems__([(int(i), 0) for i in batch["index"]])
+    assert torch.equal(again["image"], batch["image"])
+    for mine, theirs in zip(again["targets"], batch["targets"]):
+        assert torch.equal(mine["boxes"], theirs["boxes"]) and mine["image_id"] == theirs["image_id"]
+    assert {t["image_id"] for t in next(iter(dm.val_dataloader()))["targets"]} <= {1, 2, 3}
+
+
+def test_preload_is_optional_and_gives_the_same_batches(coco_layout: Path) -> None:
+    lazy = CocoDetection(coco_layout / "val2017", image_size=64, annotations=coco_layout / "annotations/instances_val2017.json")
+    loaded = CocoDetection(coco_layout / "val2017", image_size=64, annotations=coco_layout / "annotations/instances_val2017.json", preload=True)
+    assert lazy.images is None and len(loaded.images) == 3
+    a, b = lazy.__getitems__([0, 1, 2]), loaded.__getitems__([0, 1, 2])
+    assert torch.equal(a["image"], b["image"]) and all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a["targets"], b["targets"]))
+
+
+def test_lazy_errors_name_the_file(coco_layout: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(coco_layout, root)
+    jpeg = root / "val2017/000000000002.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:200])  # cut short: found at setup, fails when read
+    dm = CocoDetectionDataModule(root=str(root), image_size=64, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(OSError, match="cannot read image .*000000000002.jpg"):
+        dm.splits["val"][1]
+    jpeg.unlink()
+    with pytest.raises(FileNotFoundError, match="000000000002.jpg"):
+        CocoDetectionDataModule(root=str(root), num_workers=0).setup("fit")
+    (root / "annotations/instances_val2017.json").unlink()
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json.*COCO 2017"):
+        CocoDetectionDataModule(root=str(root), layout="coco2017").prepare_data()
+    with pytest.raises(ValueError, match="layout must be one of"):
+        CocoDetectionDataModule(root=str(root), layout="voc")

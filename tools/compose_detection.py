@@ -22,6 +22,15 @@ Output (written to a temporary folder beside ``--out`` and renamed at the end)::
     OUT/{train,val,test}/images/000000.png ...
     OUT/{train,val,test}/instances.json     # COCO: images, annotations, categories
 
+or, with ``--layout coco2017``, the layout of the COCO 2017 download (train and val only: COCO's
+test images have no public annotations)::
+
+    OUT/annotations/instances_{train,val}2017.json
+    OUT/{train,val}2017/000000000001.jpg ...   # 12-digit image ids, as COCO's file names
+
+``--format jpg`` writes JPEG (quality 95) instead of PNG; the boxes are the same (they come from
+the masks), the pixels differ by the JPEG error. The COCO 2017 layout defaults to JPEG, as COCO.
+
 Annotations have ``bbox`` [x, y, w, h] in pixels (integers: pixel edges), ``area`` = w * h,
 ``iscrowd`` 0, ``category_id`` 1..10 (Fashion-MNIST label + 1), and ``source_index``, the
 object's index in its Fashion-MNIST file. Every image is a function of (seed, split, index)
@@ -29,6 +38,7 @@ only, so a larger set starts with the images of a smaller one.
 
     python tools/compose_detection.py --out $MMKD_DATA/fmnist-det            # 4000/500/500
     python tools/compose_detection.py --out /tmp/fmnist-det-quick --quick    # 20/5/5
+    python tools/compose_detection.py --out /tmp/coco-standin --layout coco2017 --train 8 --val 4
 
 Importable: ``compose(out, fmnist_root, sizes)``; ``object_pools``, ``image_rng`` and
 ``compose_image`` rebuild any single image with its object masks.
@@ -56,6 +66,9 @@ from mmkd.data.idx import read_idx  # noqa: E402
 from mmkd.data.images import FASHION_MNIST_CLASSES, find_data_file  # noqa: E402
 
 SPLITS = ("train", "val", "test")
+LAYOUTS = ("splits", "coco2017")
+FORMATS = {"png": "PNG", "jpg": "JPEG"}
+JPEG_QUALITY = 95
 DEFAULT_SIZES = {"train": 4000, "val": 500, "test": 500}
 QUICK_SIZES = {"train": 20, "val": 5, "test": 5}
 OBJECT_SCALE = (16, 64)  # longer side of a pasted object, in pixels, both ends included
@@ -196,14 +209,19 @@ def compose_image(pool: ObjectPool, rng: np.random.Generator, image_size: int = 
     return result
 
 
-def _write_split(folder: Path, split: str, pool: ObjectPool, count: int, image_size: int, seed: int, advance) -> None:
-    (folder / "images").mkdir(parents=True)
+def _write_split(folder: Path, split: str, pool: ObjectPool, count: int, image_size: int, seed: int, advance,
+                 image_format: str = "png", layout: str = "splits") -> None:
+    """One split: its images and its instances file (``folder/instances.json``, or for the COCO
+    2017 layout ``annotations/instances_<split>2017.json`` beside ``folder``)."""
+    image_folder = folder / "images" if layout == "splits" else folder
+    image_folder.mkdir(parents=True)
     images, annotations = [], []
     for index in range(count):
         composed = compose_image(pool, image_rng(seed, split, index), image_size)
-        file_name = f"images/{index:06d}.png"
-        Image.fromarray(composed.image).save(folder / file_name)
         image_id = index + 1
+        file_name = f"images/{index:06d}.{image_format}" if layout == "splits" else f"{image_id:012d}.{image_format}"
+        options = {"quality": JPEG_QUALITY} if image_format == "jpg" else {}
+        Image.fromarray(composed.image).save(folder / file_name, format=FORMATS[image_format], **options)
         images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
         for bbox, category_id, source_index in zip(composed.bboxes, composed.category_ids, composed.source_indices):
             annotations.append({
@@ -220,7 +238,11 @@ def _write_split(folder: Path, split: str, pool: ObjectPool, count: int, image_s
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name, "supercategory": "clothing"} for i, name in enumerate(FASHION_MNIST_CLASSES)],
     }  # fmt: skip
-    (folder / "instances.json").write_text(json.dumps(instances))
+    if layout == "splits":
+        (folder / "instances.json").write_text(json.dumps(instances))
+    else:
+        (folder.parent / "annotations").mkdir(exist_ok=True)
+        (folder.parent / "annotations" / f"instances_{folder.name}.json").write_text(json.dumps(instances))
 
 
 def compose(
@@ -231,8 +253,10 @@ def compose(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
+    image_format: str | None = None,
+    layout: str = "splits",
 ) -> Path:
-    """Writes the set to ``out`` (``out/{train,val,test}/``) and returns ``out``.
+    """Writes the set to ``out`` (``out/{train,val,test}/``, or the COCO 2017 layout) and returns ``out``.
 
     Args:
         out: the set's folder; built in a temporary folder beside it and renamed at the end.
@@ -242,11 +266,21 @@ def compose(
         seed: seed of the val/test object halves and of every image.
         overwrite: replace an existing ``out`` (else it is an error).
         progress: show a progress bar.
+        image_format: ``"png"`` or ``"jpg"`` (default: PNG for ``"splits"``, JPEG for ``"coco2017"``).
+        layout: ``"splits"`` (``out/<split>/instances.json`` + ``images/``) or ``"coco2017"``
+            (``out/annotations/instances_<split>2017.json`` + ``out/<split>2017/``; train and val only).
     """
     out = Path(out)
     unknown = set(sizes) - set(SPLITS)
     if unknown or any(n < 0 for n in sizes.values()):
         raise ValueError(f"sizes must map {SPLITS} to counts >= 0, got {sizes}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    image_format = image_format or ("jpg" if layout == "coco2017" else "png")
+    if image_format not in FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(FORMATS)}, got {image_format!r}")
+    if layout == "coco2017" and sizes.get("test", 0):
+        raise ValueError("the COCO 2017 layout has train and val only (COCO's test images have no public annotations): set test to 0")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
     pools = object_pools(fmnist_root, seed)
@@ -258,8 +292,9 @@ def compose(
 
         with Progress(disable=not progress) as bar:
             task = bar.add_task(f"composing {out.name}", total=sum(sizes.values()))
-            for split in SPLITS:
-                _write_split(tmp / split, split, pools[split], sizes.get(split, 0), image_size, seed, lambda: bar.advance(task))
+            for split in SPLITS if layout == "splits" else ("train", "val"):
+                folder = tmp / (split if layout == "splits" else f"{split}2017")
+                _write_split(folder, split, pools[split], sizes.get(split, 0), image_size, seed, lambda: bar.advance(task), image_format, layout)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -280,10 +315,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--layout", default="splits", choices=LAYOUTS, help="splits (default) or coco2017 (annotations/ + train2017/ + val2017/)")
+    parser.add_argument("--format", default=None, choices=sorted(FORMATS), help="image files: png (default for splits) or jpg (default for coco2017)")
     args = parser.parse_args()
     sizes = dict(QUICK_SIZES) if args.quick else {split: getattr(args, split) for split in SPLITS}
+    if args.layout == "coco2017":
+        sizes["test"] = 0  # COCO 2017 has no annotated test split
     start = time.perf_counter()
-    out = compose(args.out, args.fmnist, sizes, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite, progress=True)
+    out = compose(args.out, args.fmnist, sizes, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite, progress=True,
+                  image_format=args.format, layout=args.layout)  # fmt: skip
     print(f"wrote {out} ({sizes}) in {time.perf_counter() - start:.1f} s")
 
 

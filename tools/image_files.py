@@ -4,6 +4,13 @@ as a user would and to test and benchmark them.
 
     python tools/image_files.py --out runs/data/fmnist-files --layout folder --per-split 2000 500 500
     python tools/image_files.py --out runs/data/fmnist-photos --layout folder --size 500 375   # photo-sized JPEGs
+    python tools/image_files.py --out runs/data/imagenet-standin --layout imagenet --per-split 4 2 0 --size 64 64
+
+``--layout imagenet`` writes a stand-in of the ImageNet-1k folders the full-size recipes read
+(``train/<wnid>/<wnid>_<n>.JPEG``, ``val/<wnid>/ILSVRC2012_val_<n>.JPEG``; ``--per-split`` counts
+images per class there): the first ``--classes`` ImageNet WordNet ids, in sorted order as
+ImageNet's, so that their labels 0, 1, 2 ... are those of the 1000-class recipes; class ``k``
+holds Fashion-MNIST images of label ``k``.
 
 The images are Fashion-MNIST's (``--source`` its IDX folder), written as JPEG (or PNG) at
 ``--size`` (upscaled with bicubic interpolation), the class names as folder names.
@@ -30,6 +37,10 @@ from mmkd.data.images import FASHION_MNIST_CLASSES  # noqa: E402
 
 CLASS_FOLDERS = tuple(name.replace("/", "-").replace(" ", "_") for name in FASHION_MNIST_CLASSES)
 SPLITS = ("train", "val", "test")
+# The first ImageNet-1k classes in WordNet-id order (label order of an ImageFolder of ImageNet):
+# tench, goldfish, great white shark, tiger shark, hammerhead, electric ray, stingray, cock, hen, ostrich
+IMAGENET_WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475",
+                  "n01496331", "n01498041", "n01514668", "n01514859", "n01518878")  # fmt: skip
 
 
 def fashion_mnist(source: Path, count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -120,15 +131,42 @@ def write_layout(out: Path, source: Path, layout: str, per_split: Sequence[int],
     return out
 
 
+def write_imagenet_standin(out: Path, source: Path, classes: int = 3, per_class: Sequence[int] = (4, 2, 0), size: Sequence[int] | None = (64, 64)) -> Path:
+    """A stand-in of the ImageNet-1k ImageFolder tree: ``train/``, ``val/`` (and ``test/`` if asked)
+    with one folder per WordNet id (the first ``classes`` of ImageNet's, sorted), ``per_class``
+    JPEGs per class and split named as ImageNet's files, from Fashion-MNIST images of label
+    ``k`` for class ``k`` (consecutive images of the training file, so the splits share none)."""
+    if not 1 <= classes <= min(len(IMAGENET_WNIDS), len(CLASS_FOLDERS)):
+        raise ValueError(f"classes must be in 1..{len(IMAGENET_WNIDS)}, got {classes}")
+    images, labels = fashion_mnist(source, 60_000)
+    taken = {k: iter(np.nonzero(labels == k)[0]) for k in range(classes)}
+    number = 0
+    for split, count in zip(SPLITS, per_class):
+        if count == 0:
+            continue
+        for k, wnid in enumerate(IMAGENET_WNIDS[:classes]):
+            folder = out / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                number += 1
+                name = f"{wnid}_{i + 1}.JPEG" if split == "train" else f"ILSVRC2012_{split}_{number:08d}.JPEG"
+                (folder / name).write_bytes(encode(images[next(taken[k])], size, "jpg"))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "fashion-mnist")
-    parser.add_argument("--layout", default="folder", choices=["folder", "csv", "jsonl", "shards", "hf", "parquet"])
+    parser.add_argument("--layout", default="folder", choices=["folder", "csv", "jsonl", "shards", "hf", "parquet", "imagenet"])
+    parser.add_argument("--classes", type=int, default=3, help="--layout imagenet: how many ImageNet classes (WordNet ids)")
     parser.add_argument("--per-split", type=int, nargs=3, default=[2000, 500, 500], metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("WIDTH", "HEIGHT"), help="resize (default: 28x28 as stored)")
     parser.add_argument("--format", default="jpg", choices=["jpg", "png"])
     args = parser.parse_args(argv)
+    if args.layout == "imagenet":
+        print(write_imagenet_standin(args.out, args.source, args.classes, args.per_split, args.size))
+        return
     print(write_layout(args.out, args.source, args.layout, args.per_split, args.size, args.format))
 
 

@@ -390,6 +390,24 @@ class DFineDecoder(nn.Module):
         }  # fmt: skip
 
 
+def feature_extractor_keys(state: dict[str, torch.Tensor], own: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A timm classifier's state dict under the names of its ``features_only`` wrapper.
+
+    timm's ``FeatureListNet`` flattens sequential containers, so the classifier's ``stages.2.*``
+    (HGNetv2, ConvNeXt, ...) is the wrapper's ``stages_2.*``; names that are the same in both
+    (ResNet's ``layer3.*``) are kept. Keys of neither are left as they are (the caller filters)."""
+    renamed = dict(state)
+    for key in own:
+        if key in state:
+            continue
+        head, _, rest = key.partition(".")
+        name, _, number = head.rpartition("_")
+        original = f"{name}.{number}.{rest}" if name and number.isdigit() else None
+        if original in state:
+            renamed[key] = state[original]
+    return renamed
+
+
 class DFineDetector(nn.Module):
     """A compact D-FINE: timm backbone, light hybrid encoder, DETR decoder with FDR.
 
@@ -460,7 +478,7 @@ class DFineDetector(nn.Module):
         # jsonargparse turns `--...backbone_checkpoint=null` into "None" inside a nested class_path
         if backbone_checkpoint and backbone_checkpoint not in ("None", "null"):
             own = self.backbone.state_dict()
-            state = load_state_dict_file(backbone_checkpoint)
+            state = feature_extractor_keys(load_state_dict_file(backbone_checkpoint), own)
             load_state(self.backbone, {k: v for k, v in state.items() if k in own}, str(backbone_checkpoint))
         self.encoder = HybridEncoder(self.backbone.feature_info.channels(), hidden_dim, num_heads, ffn_dim)
         self.decoder = DFineDecoder(num_classes, num_levels, hidden_dim, num_queries, num_decoder_layers,
