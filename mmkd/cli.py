@@ -71,6 +71,8 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True, predict_w
                 if not causes:
                     raise
                 raise ConfigError("cannot build the objects of this config: " + "; ".join(causes)) from None
+            if hasattr(self.datamodule, "views_for"):  # a file data module: each model's own view, trainer or not
+                self.datamodule.views_for(self.model)
             strategy = self.trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one from the config
                 strategy.checkpoint_io = AtomicCheckpointIO()
@@ -137,8 +139,6 @@ def inspect_main(argv: Sequence[str]) -> None:
         models = {"student": module.student if hasattr(module, "student") else module.model}
         if hasattr(module, "teacher"):
             models["teacher"] = module.teacher.model
-        if hasattr(cli.datamodule, "views_for"):  # a file data module: the models' own views
-            cli.datamodule.views_for(module)
         size = args.input_size or getattr(cli.datamodule, "input_shape", [3, 224, 224])
     sizes = dict.fromkeys(models, size)
     if isinstance(size, dict):  # several modalities: each network on its own input
@@ -245,8 +245,6 @@ def export_main(argv: Sequence[str]) -> None:
                     "encoder to export_dir; export the student of a classification or detection config)"
                 )
             student, key, datamodule = student_from_checkpoint(cli.model.model, args.ckpt_path), cli.model.input_key, cli.datamodule
-            if hasattr(datamodule, "views_for"):  # a file data module: the student's own view
-                datamodule.views_for(cli.model)
             out = args.out or f"{str(args.ckpt_path).rstrip('/')}.onnx"
     except (FileNotFoundError, RuntimeError, ValueError) as err:  # missing or corrupt weights, unknown zoo names
         print(f"mmkd: error: {err}", file=sys.stderr)
@@ -355,11 +353,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     mmkd raises while a run sets up or trains, each with a message that names the fix."""
     from mmkd.core import ClassMapError, NonFiniteLossError, TeacherCacheError, UnknownModulePathError
     from mmkd.core.classifier import DataMismatchError
+    from mmkd.data.sources import DataSourceError
     from mmkd.heads import ShapeMismatchError
 
     return (
-        ClassMapError, DataMismatchError, FileNotFoundError, NonFiniteLossError, ShapeMismatchError, TeacherCacheError,
-        UnknownModulePathError,
+        ClassMapError, DataMismatchError, DataSourceError, FileNotFoundError, NonFiniteLossError, ShapeMismatchError,
+        TeacherCacheError, UnknownModulePathError,
     )  # fmt: skip
 
 

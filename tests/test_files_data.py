@@ -3,7 +3,6 @@ Fashion-MNIST images (tools/image_files.py), read lazily by DataLoader workers."
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
@@ -306,3 +305,16 @@ def test_ddp_trains_on_an_image_folder_with_workers(tmp_path: Path, data_root: P
              "--data.init_args.channels=1", "--trainer.callbacks.init_args.dirpath=ddp")  # fmt: skip
     checkpoint = torch.load("ddp/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 3 and all(torch.isfinite(value).all() for value in weights("ddp/last.ckpt").values())
+
+
+def test_a_bad_folder_stops_mmkd_fit_with_one_line(tmp_path: Path, data_root: Path, capsys) -> None:
+    from mmkd.cli import main
+
+    from conftest import CONFIGS
+
+    root = image_files.write_layout(tmp_path / "d", data_root / "fashion-mnist", "folder", [40, 10, 10])
+    (root / "train" / "zebra").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "-c", str(CONFIGS / "teachers/fmnist_resnet10t.yaml"), "--data=mmkd.data.ImageFilesDataModule", f"--data.init_args.root={root}"])
+    assert stopped.value.code == 2
+    assert f"mmkd: error: class folder {root / 'train' / 'zebra'} holds no image files" in capsys.readouterr().err

@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO / "tools"))
 import compose_detection  # noqa: E402
 import image_files  # noqa: E402
 
+SMALL_LOADERS = ("--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2", "--data.init_args.num_workers=1")  # for a CPU smoke run
+
 RECIPES = {
     "imagenet/kd_resnet34_resnet18.yaml": "torchdistill",
     "dho/imagenet_1pct.yaml": "81.6",
@@ -250,8 +252,7 @@ def test_the_two_dho_recipes_differ_in_the_labelled_fraction_only() -> None:
 # -- ImageNet-1k KD, ResNet-34 -> ResNet-18 ----------------------------------------------------------
 def test_imagenet_kd_resnet34_to_resnet18(imagenet: Path, resnet34: Path, tmp_path: Path) -> None:
     link_weights(resnet34.parent)
-    run = fit("imagenet/kd_resnet34_resnet18.yaml", f"--data.init_args.root={imagenet}", "--data.init_args.batch_size=2",
-              "--data.init_args.eval_batch_size=2", "--data.init_args.num_workers=1",
+    run = fit("imagenet/kd_resnet34_resnet18.yaml", f"--data.init_args.root={imagenet}", *SMALL_LOADERS,
               facts=("lightning_module.student", "lightning_module.teacher.model", "datamodule.views", "datamodule.num_classes",
                      "lr_scheduler_configs[0].scheduler.milestones",
                      "optimizers[0].defaults"))  # fmt: skip
@@ -346,8 +347,7 @@ def test_g2sd_imagenet_specific(g2sd_generic: dict[str, Any], imagenet: Path, ma
     generic = Path("runs/g2sd/imagenet_generic")
     generic.mkdir(parents=True)
     (generic / "last.ckpt").symlink_to(g2sd_generic["folder"] / "runs/g2sd/imagenet_generic/last.ckpt")
-    run = fit("g2sd/imagenet_specific.yaml", f"--data.init_args.root={imagenet}", "--data.init_args.batch_size=2",
-              "--data.init_args.eval_batch_size=2", "--data.init_args.num_workers=1",
+    run = fit("g2sd/imagenet_specific.yaml", f"--data.init_args.root={imagenet}", *SMALL_LOADERS,
               facts=("lightning_module.student", "lightning_module.teacher.model", "lightning_module.teacher.model.global_pool",
                      "datamodule.augmentation", "lightning_module.layer_decay", "lightning_module.mixup.mixup_alpha",
                      "lightning_module.mixup.cutmix_alpha"))  # fmt: skip
@@ -371,8 +371,7 @@ def test_dfine_coco2017(coco: Path, hgnetv2_b0: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     link_weights(hgnetv2_b0.parent)
-    run = fit("dfine/coco2017.yaml", f"--data.init_args.root={coco}", "--data.init_args.batch_size=2",
-              "--data.init_args.eval_batch_size=2", "--data.init_args.num_workers=1",
+    run = fit("dfine/coco2017.yaml", f"--data.init_args.root={coco}", *SMALL_LOADERS,
               facts=("datamodule.layout", "datamodule.num_classes", "datamodule.input_shape", "datamodule.splits[train].images",
                      "datamodule.splits[test].folder",
                      "lightning_module.model.num_queries", "len(lightning_module.model.decoder.layers)",
