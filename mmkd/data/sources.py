@@ -10,6 +10,7 @@ worker as its objects' reference counts change (the copy-on-read growth of list-
 
 from __future__ import annotations
 
+import array
 import csv
 import glob
 import io
@@ -36,13 +37,13 @@ class StringArena:
     per-object reference counts for forked workers to touch)."""
 
     def __init__(self, strings: Iterable[str]) -> None:
-        buffer, ends = bytearray(), []
+        buffer, ends = bytearray(), array.array("q")  # array, not list: no million int objects left behind
         for string in strings:
             buffer += string.encode("utf-8")
             ends.append(len(buffer))
-        self.data = np.frombuffer(bytes(buffer), dtype=np.uint8)
+        self.data = np.frombuffer(buffer, dtype=np.uint8).copy()  # exact size; the growing buffer is freed
         self.offsets = np.zeros(len(ends) + 1, dtype=np.int32 if len(buffer) < 2**31 else np.int64)
-        self.offsets[1:] = ends
+        self.offsets[1:] = np.frombuffer(ends, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -277,44 +278,68 @@ def _label_of(value: Any, where: str, classes: Sequence[str] | None, label_of: d
     return label
 
 
-def file_list(path: Path, classes: Sequence[str] | None = None, check_files: bool = True) -> tuple[FileSource, list[str] | None]:
-    """A CSV (header ``path,label``) or JSONL (``{"path": ..., "label": ...}``) list; paths relative
-    to the list's folder. Labels are class names or indices; without ``classes``, names become the
-    sorted set of names found, and integer labels are used as they are. A missing file or a bad
-    label is an error naming the list's line; ``check_files`` stats every file at setup."""
-    rows: list[tuple[str, Any, int]] = []
+def _list_rows(path: Path) -> Iterable[tuple[str, Any, int]]:
+    """(path, label, line number) of each row of a CSV or JSONL file list, streamed."""
     try:
         with open(path, newline="") as f:
             if path.suffix.lower() == ".csv":
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or "path" not in reader.fieldnames:
                     raise DataSourceError(f"{path}: a file list's CSV header needs a 'path' column (and 'label'), got {reader.fieldnames}")
-                rows = [(row["path"], row.get("label"), reader.line_num) for row in reader]
-            else:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataSourceError(f"{path}:{number}: not a JSON object ({err})") from None
-                    if not isinstance(row, dict) or "path" not in row:
-                        raise DataSourceError(f"{path}:{number}: a JSONL row needs a 'path' key, got {line.strip()[:80]}")
-                    rows.append((row["path"], row.get("label"), number))
+                for row in reader:
+                    yield row["path"], row.get("label"), reader.line_num
+                return
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataSourceError(f"{path}:{number}: not a JSON object ({err})") from None
+                if not isinstance(row, dict) or "path" not in row:
+                    raise DataSourceError(f"{path}:{number}: a JSONL row needs a 'path' key, got {line.strip()[:80]}")
+                yield row["path"], row.get("label"), number
     except UnicodeDecodeError as err:
         raise DataSourceError(f"{path} is not a text file list ({err})") from None
-    if not rows:
-        raise DataSourceError(f"{path} lists no samples")
-    if classes is None and any(isinstance(label, str) and not label.lstrip("-").isdigit() for _, label, _ in rows):
-        classes = sorted({label for _, label, _ in rows if label not in (None, "")})
-    label_of = {name: i for i, name in enumerate(classes)} if classes is not None else None
-    labels = [_label_of(label, f"{path}:{line}", classes, label_of) for _, label, line in rows]
+
+
+def file_list(path: Path, classes: Sequence[str] | None = None, check_files: bool = True) -> tuple[FileSource, list[str] | None]:
+    """A CSV (header ``path,label``) or JSONL (``{"path": ..., "label": ...}``) list; paths relative
+    to the list's folder. Labels are class names or indices; without ``classes``, names become the
+    sorted set of names found, and integer labels are used as they are. A missing file or a bad
+    label is an error naming the list's line; ``check_files`` stats every file at setup.
+
+    The rows are streamed straight into the compact index: each distinct label value gets a code
+    (and the line it first appears on, for errors) and is resolved once at the end, so a million-row
+    list never exists as a million Python tuples (whose freed heap would stay in every worker)."""
     root = path.parent
-    if check_files:
-        for name, _, line in rows:
-            if not (root / name).is_file():
+    codes: dict[Any, int] = {}  # distinct label value -> code
+    first_line: list[int] = []  # code -> line where the value first appears
+    row_codes = array.array("i")
+
+    def names() -> Iterable[str]:
+        for name, label, line in _list_rows(path):
+            if check_files and not (root / name).is_file():
                 raise DataSourceError(f"{path}:{line}: {root / name} does not exist")
-    return FileSource(root, StringArena(name for name, _, _ in rows), np.asarray(labels)), (list(classes) if classes is not None else None)
+            try:
+                code = codes.setdefault(label, len(codes))
+            except TypeError:
+                raise DataSourceError(f"{path}:{line}: label {label!r} is neither a class name nor an index") from None
+            if code == len(first_line):
+                first_line.append(line)
+            row_codes.append(code)
+            yield name
+
+    arena = StringArena(names())
+    if not len(arena):
+        raise DataSourceError(f"{path} lists no samples")
+    values = list(codes)
+    if classes is None and any(isinstance(value, str) and not value.lstrip("-").isdigit() for value in values):
+        classes = sorted({value for value in values if value not in (None, "")})
+    label_of = {name: i for i, name in enumerate(classes)} if classes is not None else None
+    resolved = np.array([_label_of(value, f"{path}:{line}", classes, label_of) for value, line in zip(values, first_line)], dtype=np.int32)
+    labels = resolved[np.frombuffer(row_codes, dtype=np.int32)]
+    return FileSource(root, arena, labels), (list(classes) if classes is not None else None)
 
 
 def expand_shards(pattern: str | Path) -> list[str]:
