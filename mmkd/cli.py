@@ -73,9 +73,17 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True, predict_w
                 raise ConfigError("cannot build the objects of this config: " + "; ".join(causes)) from None
             if hasattr(self.datamodule, "views_for"):  # a file data module: each model's own view, trainer or not
                 self.datamodule.views_for(self.model)
+            _checkpoints_per_sweep_trial(self.trainer)
             strategy = self.trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one from the config
                 strategy.checkpoint_io = AtomicCheckpointIO()
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            try:
+                super()._run_subcommand(subcommand)
+            except BaseException:
+                _remove_unused_log_folders(self.trainer)
+                raise
 
         def before_predict(self) -> None:
             from mmkd.predict import add_prediction_writer
@@ -107,6 +115,38 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True, predict_w
     )
 
 
+def _checkpoints_per_sweep_trial(trainer) -> None:
+    """In a W&B sweep trial (``wandb agent`` sets WANDB_SWEEP_ID and WANDB_RUN_ID) every
+    checkpoint folder of the config gets the run id appended: all trials run the same config,
+    and would otherwise overwrite each other's ``last.ckpt``."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    run_id, sweep_id = os.environ.get("WANDB_RUN_ID"), os.environ.get("WANDB_SWEEP_ID")
+    if not (run_id and sweep_id):
+        return
+    for callback in trainer.checkpoint_callbacks:
+        if callback.dirpath is not None and Path(callback.dirpath).name != run_id:  # None: Lightning's per-run folder
+            callback.dirpath = str(Path(callback.dirpath) / run_id)
+            rank_zero_info(f"sweep {sweep_id}, trial {run_id}: checkpoints in {callback.dirpath}")
+
+
+#: what a run writes into its log folder before its first logged value
+SETUP_ONLY_FILES = {"hparams.yaml", "config.yaml"}
+
+
+def _remove_unused_log_folders(trainer) -> None:
+    """A run that fails before it logs anything leaves only its config in ``version_N``: remove
+    those folders, so the next run's version number and the logs folder stay meaningful."""
+    import shutil
+
+    if trainer.global_rank != 0:
+        return
+    for logger in trainer.loggers:
+        folder = Path(getattr(logger, "log_dir", None) or "")
+        if str(folder) not in ("", ".") and folder.is_dir() and {entry.name for entry in folder.iterdir()} <= SETUP_ONLY_FILES:
+            shutil.rmtree(folder)
+
+
 def inspect_main(argv: Sequence[str]) -> None:
     import torch
 
@@ -120,7 +160,7 @@ def inspect_main(argv: Sequence[str]) -> None:
     parser.add_argument("model", nargs="?", help="a timm model name (alternative to -c)")
     parser.add_argument("-c", "--config", help="a training config: inspects its student and teacher")
     parser.add_argument("--input-size", type=int, nargs="+", default=None, help="input shape without batch, e.g. 1 28 28")
-    parser.add_argument("--in-chans", type=int, default=1)
+    parser.add_argument("--in-chans", type=int, default=None, help="input channels of the timm model (default: from --input-size, else 1)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--depth", type=int, default=None, help="show paths up to this many dots deep")
     args, overrides = parser.parse_known_args(list(argv))
@@ -130,6 +170,10 @@ def inspect_main(argv: Sequence[str]) -> None:
         parser.error(f"unrecognized arguments: {' '.join(overrides)} (config overrides go with -c CONFIG)")
     if args.model:
         from mmkd.models import timm_model
+
+        if args.in_chans is not None and args.input_size and args.input_size[0] != args.in_chans:
+            parser.error(f"--input-size {' '.join(map(str, args.input_size))} has {args.input_size[0]} channels but --in-chans is {args.in_chans}: give one of them")
+        args.in_chans = args.in_chans or (args.input_size[0] if args.input_size and len(args.input_size) == 3 else 1)
 
         models = {args.model: timm_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)}
         size = args.input_size or [args.in_chans, 224, 224]

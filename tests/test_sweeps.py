@@ -109,9 +109,11 @@ def test_a_sweep_run_logs_offline_without_an_account(teacher_in_place: Path, tmp
     command[command.index("-c") + 1] = str(REPO / command[command.index("-c") + 1])
     mmkd = str(Path(sys.executable).parent / "mmkd")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path / "home")}  # no key, no netrc
-    log_model = "--trainer.logger.init_args.log_model=true"  # the final checkpoint as an artifact, offline too
-    done = subprocess.run([mmkd, *command[2:], *SHORT, log_model], capture_output=True, text=True, timeout=600, env=env)
+    env |= {"WANDB_SWEEP_ID": "sweep1", "WANDB_RUN_ID": "trial1"}  # what `wandb agent` sets for each trial
+    assert '"log_model": true' in " ".join(sweep["command"])  # the checkpoints as artifacts, offline too
+    done = subprocess.run([mmkd, *command[2:], *SHORT], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert list(Path("runs/students").rglob("last.ckpt")) == [Path("runs/students/fmnist_kd/trial1/last.ckpt")]
     assert done.stderr.count("W&B logs offline: no W&B API key") == 1
     [run_file] = Path("runs/wandb/wandb").glob("offline-run-*/run-*.wandb")
     history, config, artifacts = set(), {}, []
@@ -139,3 +141,13 @@ def test_a_sweep_run_logs_offline_without_an_account(teacher_in_place: Path, tmp
         staged = torch.load(entry.local_path, map_location="cpu", weights_only=True)  # what `wandb sync` uploads
         assert any(key.startswith("model.") for key in staged["state_dict"])  # the student
         assert not any(key.startswith("teacher.") for key in staged["state_dict"])
+
+
+def test_each_sweep_trial_checkpoints_into_its_own_folder(teacher_in_place: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folders = []
+    for trial in ("a1b2c3", "d4e5f6", None):
+        for key, value in (("WANDB_SWEEP_ID", trial and "sweep1"), ("WANDB_RUN_ID", trial)):
+            monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
+        cli = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_kd.yaml")], run=False)
+        folders.append(Path(cli.trainer.checkpoint_callback.dirpath).relative_to(Path.cwd()))
+    assert folders == [Path("runs/students/fmnist_kd/a1b2c3"), Path("runs/students/fmnist_kd/d4e5f6"), Path("runs/students/fmnist_kd")]

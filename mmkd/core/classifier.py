@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any, Literal, Sequence
 
 import lightning as L
@@ -12,8 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class DataMismatchError(ValueError):
@@ -199,7 +204,21 @@ class TrainingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("mmkd", {}).get("rng")
 
+    def on_fit_start(self) -> None:
+        # Lightning warns of every module in eval mode when training starts; frozen teachers are
+        # meant to be, so the warning is silenced when they are the only ones (kept otherwise).
+        from mmkd.core.teacher import Teacher
+
+        in_teachers = {id(module) for teacher in self.modules() if isinstance(teacher, Teacher) for module in teacher.modules()}
+        others_in_eval = [name for name, module in self.named_modules() if not module.training and id(module) not in in_teachers]
+        if in_teachers and not others_in_eval:
+            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+            self._eval_mode_filter = warnings.filters[0]
+
     def on_train_start(self) -> None:
+        if getattr(self, "_eval_mode_filter", None) in warnings.filters:  # only Lightning's one check
+            warnings.filters.remove(self._eval_mode_filter)
+            warnings._filters_mutated()
         # Restored here, not at load time, so the sanity-check validation of the resumed run
         # does not shift the training RNG streams.
         if self._rng_to_restore is not None:

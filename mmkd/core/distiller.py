@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mmkd.core.cache import TeacherCache, TeacherCacheError
 from mmkd.core.class_map import ClassMap, build_class_map
-from mmkd.core.classifier import Classifier, input_keys, to_channels_last
+from mmkd.core.classifier import Classifier, DataMismatchError, input_keys, to_channels_last
 from mmkd.core.taps import FeatureTap
 from mmkd.core.teacher import Teacher, check_teacher, record_teacher
 from mmkd.heads import ShapeMismatchError, build_head
@@ -82,6 +82,23 @@ def _shape(value: Any) -> list[int]:
     return list(value.shape[1:])
 
 
+def _run(model: nn.Module, role: str, batch: dict, keys: list[str], forward: Any) -> Any:
+    """``forward()`` of the set-up dry run, with a model that cannot take the data's inputs (a
+    3-channel teacher on grey images, a ViT of a fixed size on smaller ones) said in one line."""
+    try:
+        return forward()
+    except RuntimeError as err:
+        shapes = {key: list(batch[key].shape[1:]) for key in keys if key in batch}
+        fix = (
+            "Set model.init_args.teacher_input (pretrained: the teacher's own size, channels and normalisation; "
+            "or e.g. {channels: 3, size: 224}) or give the teacher its own view with a file data module"
+            if role == "teacher"
+            else "Build the student for this input (in_chans, img_size) or change the data's size"
+        )
+        message = str(err).strip().splitlines()[0]
+        raise DataMismatchError(f"the {role} ({type(model).__name__}) cannot take the data's inputs {shapes}: {message}. {fix}") from None
+
+
 class Distiller(Classifier):
     """Trains ``student`` with cross-entropy (``ce_weight``) plus weighted distillation terms.
 
@@ -121,6 +138,14 @@ class Distiller(Classifier):
             the teacher's accuracy, from the teacher's forward pass and the teacher cache alike.
             Without a map, logits of different class counts are an error for logit terms; feature
             terms work, and ``val/teacher_acc`` is then skipped.
+        teacher_input: how the teacher's input differs from the student's, for data modules that
+            give one view (the in-memory ones; a file data module already gives the teacher its
+            own view, ``teacher_image``): ``pretrained`` (the teacher's own size, interpolation and
+            normalisation from its timm / open_clip config, e.g. an ImageNet teacher at 224 px on
+            28 px grey images) or a dict of ``size``, ``channels``, ``mean``, ``std``,
+            ``interpolation`` (left-out keys as the data has them; ``{channels: 3}`` only repeats
+            grey to RGB). Built at setup as an :class:`~mmkd.models.adapter.ImageAdapter` from the
+            data module's mean/std (see :func:`~mmkd.models.adapter.teacher_input_adapter`).
         **kwargs: optimisation and data keys of :class:`~mmkd.core.classifier.Classifier`.
     """
 
@@ -136,6 +161,7 @@ class Distiller(Classifier):
         teacher_cache: str | None = None,
         teacher_input_key: str | list[str] | None = None,
         class_map: list[list[int | str]] | dict[str, list[int | str]] | str | None = None,
+        teacher_input: str | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model=student, **kwargs)
@@ -162,6 +188,10 @@ class Distiller(Classifier):
         if not isinstance(self.input_key, str) and teacher_input_key is None:
             raise ValueError(f"the student takes several inputs {self.input_key}: set teacher_input_key to the teacher's")
         self.teacher_input_key = teacher_input_key
+        if teacher_input is not None and teacher_input_key is not None:
+            raise ValueError("teacher_input adapts the student's images for the teacher; with teacher_input_key the teacher reads other entries: set one")
+        self.teacher_input_spec = teacher_input
+        self.teacher_adapter: nn.Module | None = None  # built at setup, when the data's normalisation is known
         self._cache: TeacherCache | None = None
 
     @property
@@ -174,6 +204,14 @@ class Distiller(Classifier):
         class_names = getattr(getattr(self._trainer, "datamodule", None) if self._trainer else None, "class_names", None)
         if self.class_map is not None and class_names:  # a map by name follows the data's label order
             self.class_map = self.class_map.ordered_as(list(class_names))
+        if self.teacher_input_spec is not None and self.teacher_adapter is None:
+            from mmkd.models.adapter import teacher_input_adapter
+
+            datamodule = self._trainer.datamodule if self._trainer else None
+            try:
+                self.teacher_adapter = teacher_input_adapter(self.teacher_input_spec, self.teacher.model, datamodule)
+            except ValueError as err:
+                raise DataMismatchError(f"model.init_args.teacher_input: {err}") from None
         if self.feature_shapes is None:
             self.build_heads(self.observe_shapes())
         if stage == "fit" and self.teacher_cache and self._cache is None:
@@ -182,7 +220,8 @@ class Distiller(Classifier):
     def teacher_cache_fingerprint(self, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
         """What, besides the teacher's weights, must match for cached outputs to be valid."""
         teacher_input = f"{type(self).teacher_input.__module__}.{type(self).teacher_input.__qualname__}"
-        return {**data_fingerprint, "teacher_input": teacher_input, "teacher_input_key": self.teacher_input_key}
+        return {**data_fingerprint, "teacher_input": teacher_input, "teacher_input_key": self.teacher_input_key,
+                "teacher_input_spec": self.teacher_input_spec}  # fmt: skip
 
     def open_teacher_cache(self) -> TeacherCache:
         datamodule = self.trainer.datamodule
@@ -201,7 +240,10 @@ class Distiller(Classifier):
             datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
             size = getattr(datamodule, "input_shape", None)
         if size is None:
-            raise ValueError("set input_size (e.g. [1, 28, 28]) or use a data module with an input_shape")
+            raise DataMismatchError(
+                f"the input shape is unknown ({type(datamodule).__name__ if datamodule is not None else 'no data module'} has no "
+                "input_shape): set model.init_args.input_size to the shape of one input without the batch, e.g. [3, 224, 224]"
+            )
         keys = set(input_keys(self.input_key)) | set(input_keys(self.teacher_input_key or []))
         if isinstance(size, dict) and self.teacher_input_key is None and TEACHER_VIEW in size:
             keys.add(TEACHER_VIEW)
@@ -219,8 +261,10 @@ class Distiller(Classifier):
         was_training = self.model.training
         self.model.eval()
         try:
-            student_features = {LOGITS: self.model(*self.model_inputs(batch)), **self.student_tap.pop()}
-            teacher_logits = self.teacher_forward(batch)
+            student_features = {LOGITS: _run(self.model, "student", batch, input_keys(self.input_key), lambda: self.model(*self.model_inputs(batch)))}
+            student_features.update(self.student_tap.pop())
+            teacher_keys = input_keys(self.teacher_input_key or (TEACHER_VIEW if TEACHER_VIEW in batch else self.input_key))
+            teacher_logits = _run(self.teacher.model, "teacher", batch, teacher_keys, lambda: self.teacher_forward(batch))
             if self.class_map is not None:
                 self.class_map.check(_shape(teacher_logits)[-1], _shape(student_features[LOGITS])[-1])
             teacher_features = {LOGITS: self.map_teacher_logits(teacher_logits), **self.teacher_tap.pop()}
@@ -238,9 +282,9 @@ class Distiller(Classifier):
 
     # -- one training step ---------------------------------------------------------------------
     def teacher_input(self, student_input: torch.Tensor) -> torch.Tensor:
-        """What the teacher sees of the student's input; methods with their own teacher
-        resolution override this."""
-        return student_input
+        """What the teacher sees of the student's input: through the ``teacher_input`` adapter
+        when one is set; methods with their own teacher resolution override this."""
+        return student_input if self.teacher_adapter is None else self.teacher_adapter(student_input)
 
     def teacher_forward(self, batch: dict) -> torch.Tensor:
         """The teacher's output: on ``teacher_input_key``'s entries when set, else on the

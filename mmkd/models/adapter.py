@@ -27,7 +27,7 @@ class ImageAdapter(nn.Module):
     here is a buffer, so a teacher's weight fingerprint does not depend on it.
 
     Args:
-        size: output height and width (an int for square).
+        size: output height and width (an int for square); ``None`` keeps the input's.
         mean, std: the model's per-channel normalisation.
         channels: the model's input channels.
         input_mean, input_std: the normalisation the batches arrive with.
@@ -36,7 +36,7 @@ class ImageAdapter(nn.Module):
 
     def __init__(
         self,
-        size: int | Sequence[int],
+        size: int | Sequence[int] | None,
         mean: float | Sequence[float],
         std: float | Sequence[float],
         channels: int = 3,
@@ -45,7 +45,7 @@ class ImageAdapter(nn.Module):
         interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = (size, size) if isinstance(size, int) else tuple(size) if size is not None else None
         self.mean, self.std = _per_channel(mean), _per_channel(std)
         self.channels, self.interpolation = channels, interpolation
         self.input_mean = self.input_std = None
@@ -67,7 +67,7 @@ class ImageAdapter(nn.Module):
             if pixels.shape[1] != 1:
                 raise ValueError(f"cannot turn {pixels.shape[1]}-channel images into {self.channels} channels")
             pixels = pixels.expand(-1, self.channels, -1, -1)
-        if tuple(pixels.shape[-2:]) != self.size:
+        if self.size is not None and tuple(pixels.shape[-2:]) != self.size:
             antialias = self.interpolation in ("bilinear", "bicubic")
             pixels = F.interpolate(pixels, size=self.size, mode=self.interpolation, align_corners=False if antialias else None, antialias=antialias)
         return (pixels - self.mean.to(device)) / self.std.to(device)
@@ -86,3 +86,45 @@ def set_input_normalization(module: nn.Module, datamodule: Any, view: str | None
             if mean is None or std is None:
                 raise ValueError(f"{type(datamodule).__name__} has no mean/std; set input_mean/input_std of the ImageAdapter")
             adapter.set_input_normalization(mean, std)
+
+
+TEACHER_INPUT_KEYS = ("size", "channels", "mean", "std", "interpolation", "input_mean", "input_std")
+
+
+def teacher_input_adapter(spec: str | dict[str, Any], teacher: nn.Module, datamodule: Any = None) -> ImageAdapter:
+    """The :class:`ImageAdapter` a distiller's ``teacher_input`` option asks for.
+
+    ``spec`` is ``"pretrained"``: the teacher's own size, interpolation and normalisation, from
+    timm's ``pretrained_cfg`` or open_clip's ``preprocess_cfg`` (an ImageNet teacher at 224 px,
+    mean 0.5, on 28 px grey images); or a dict of any of ``size``, ``channels``, ``mean``,
+    ``std``, ``interpolation``, where a key left out leaves that property as the data has it
+    (``{channels: 3}`` only repeats grey to RGB). ``channels`` defaults to the teacher's first
+    convolution's either way. ``input_mean``/``input_std`` (how the batches are normalised)
+    default to the data module's ``mean``/``std``."""
+    from mmkd.data.views import _input_channels, view_of_model
+
+    if spec == "pretrained":
+        view = view_of_model(teacher)
+        if view is None:
+            raise ValueError(
+                f"teacher_input: pretrained, but the teacher ({type(teacher).__name__}) declares no pretrained config "
+                "(timm pretrained_cfg or open_clip preprocess_cfg): give teacher_input as {size: ..., channels: ..., mean: ..., std: ...}"
+            )
+        spec = {"size": list(view.size), "channels": view.channels, "mean": list(view.mean), "std": list(view.std), "interpolation": view.interpolation}
+    if not isinstance(spec, dict):
+        raise ValueError(f"teacher_input must be 'pretrained' or a dict of {list(TEACHER_INPUT_KEYS)}, got {spec!r}")
+    unknown = sorted(set(spec) - set(TEACHER_INPUT_KEYS))
+    if unknown:
+        raise ValueError(f"teacher_input has unknown keys {unknown}; the keys are {list(TEACHER_INPUT_KEYS)}")
+    input_mean = spec.get("input_mean", getattr(datamodule, "mean", None))
+    input_std = spec.get("input_std", getattr(datamodule, "std", None))
+    if input_mean is None or input_std is None:
+        raise ValueError(
+            f"teacher_input needs the data's normalisation: {type(datamodule).__name__} has no mean/std; "
+            "add input_mean and input_std to teacher_input"
+        )
+    return ImageAdapter(
+        size=spec.get("size"), mean=spec.get("mean", input_mean), std=spec.get("std", input_std),
+        channels=int(spec.get("channels") or _input_channels(teacher) or 3), input_mean=input_mean, input_std=input_std,
+        interpolation=spec.get("interpolation", "bilinear"),
+    )  # fmt: skip
