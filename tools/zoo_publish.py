@@ -67,6 +67,17 @@ def portable(spec):
     return spec
 
 
+def published_preprocessing(datamodule, input_key: str, input_shape: list[int]) -> dict:
+    """What input the student expects, for the manifest and ``mmkd predict``: the data module's
+    own ``preprocessing`` where it has one (audio: rate, features, standardisation, training
+    noise), else an image's size, channels and normalisation."""
+    if hasattr(type(datamodule), "preprocessing"):
+        datamodule.setup("test")
+        return datamodule.preprocessing[input_key]
+    return {"kind": "image", "channels": input_shape[0], "size": input_shape[1:], "mean": getattr(datamodule, "mean", None),
+            "std": getattr(datamodule, "std", None), "interpolation": "bilinear", "crop_pct": 1.0}  # fmt: skip
+
+
 def main() -> None:
     from safetensors.torch import save_file
 
@@ -114,6 +125,7 @@ def main() -> None:
         "name": args.name, "architecture_summary": args.summary, "architecture": architecture,
         "input_shape": list(input_shape), "input_key": cli.model.input_key, "evaluation_data": evaluation_data,
         "input_normalization": {"mean": getattr(cli.datamodule, "mean", None), "std": getattr(cli.datamodule, "std", None)},
+        "preprocessing": published_preprocessing(cli.datamodule, cli.model.input_key, list(input_shape)),
         "distiller": args.distiller, "config": args.config, "teacher": args.teacher, "data": args.data,
         "metrics": {key: metrics[key] for key in sorted(metrics) if key.startswith("test/")} | {"command": command},
         "params": sum(p.numel() for p in student.parameters()),

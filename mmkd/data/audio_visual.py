@@ -28,10 +28,11 @@ def _split_sizes(count: int, fractions: tuple[float, ...]) -> list[int]:
     return [*sizes, count - sum(sizes)]
 
 
-def _standardise(values: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
-    """``values``, in place, minus the mean and over the std of ``train`` (one scalar each)."""
+def _standardise(values: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """``values``, in place, minus the mean and over the std of ``train`` (one scalar each), and
+    those two scalars."""
     mean, std = train.mean(), train.std()
-    return values.sub_(mean).div_(std)
+    return values.sub_(mean).div_(std), float(mean), float(std)
 
 
 class AudioDecodeError(ValueError):
@@ -193,6 +194,7 @@ class AVMNISTDataModule(InMemoryDataModule):
         self.image_ids: dict[str, torch.Tensor] = {}
         self.recording_ids: dict[str, np.ndarray] = {}
         self._sample_rate: int | None = None
+        self.audio_normalization: list[float] = []  # after setup: the training split's log-mel mean and std
 
     @property
     def input_shape(self) -> dict[str, tuple[int, ...]]:
@@ -200,6 +202,19 @@ class AVMNISTDataModule(InMemoryDataModule):
         sample_rate = self._sample_rate or sf.info(str(self._files()[2][0])).samplerate
         frames = round(self.duration * sample_rate) // self.hop_length + 1
         return {"image": (1, 28, 28), "audio": (1, self.n_mels, frames)}
+
+    @property
+    def preprocessing(self) -> dict[str, dict]:
+        """How a recording becomes the ``audio`` input, published with zoo students (after
+        ``setup``: the standardisation is the training split's). The white noise is part of the
+        training data: a model trained here expects it (``mmkd predict`` mixes it in)."""
+        if not self.audio_normalization:
+            raise RuntimeError("AVMNISTDataModule.preprocessing is known after setup()")
+        mean, std = self.audio_normalization
+        audio = {"kind": "audio", "sample_rate": self._sample_rate, "duration": self.duration, "features": "log_mel", "n_mels": self.n_mels,
+                 "n_fft": self.n_fft, "hop_length": self.hop_length, "top_db": 80, "mean": mean, "std": std,
+                 "training_noise_snr_db": self.noise_snr_db}  # fmt: skip
+        return {"audio": audio}
 
     # -- files -----------------------------------------------------------------------------------
     def _files(self) -> tuple[Path, Path, list[Path]]:
@@ -280,9 +295,10 @@ class AVMNISTDataModule(InMemoryDataModule):
         pools = dict(zip(splits, self._recording_pools(digits, speakers, generator)))
         recording_idx = {split: self._pair(labels[image_idx[split]], pools[split], digits, generator) for split in splits}
         audio = self._spectrograms(recording_paths, torch.cat([recording_idx[split] for split in splits]), generator)
-        audio = _standardise(audio, audio[: len(image_idx["train"])]).split([len(image_idx[split]) for split in splits])
+        audio, *self.audio_normalization = _standardise(audio, audio[: len(image_idx["train"])])
+        audio = audio.split([len(image_idx[split]) for split in splits])
         degraded = pca_degrade(images[image_idx["train"]], images, self.image_energy)
-        degraded = _standardise(degraded, degraded[image_idx["train"]]).view(-1, 1, 28, 28)
+        degraded = _standardise(degraded, degraded[image_idx["train"]])[0].view(-1, 1, 28, 28)
         for split, spectrograms in zip(splits, audio):
             inputs = {"image": degraded[image_idx[split]], "audio": spectrograms}
             self.splits[split] = PairedDataset(inputs, labels[image_idx[split]])

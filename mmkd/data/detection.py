@@ -324,6 +324,7 @@ class CocoDetectionDataModule(SplitsDataModule):
     """
 
     splits: dict[str, CocoDetection]
+    mean, std = IMAGENET_MEAN, IMAGENET_STD  # the normalisation of every split
 
     def __init__(
         self,
