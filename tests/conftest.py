@@ -21,6 +21,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def one_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Runs ``mmkd argv``, which must end in exactly one ``mmkd: error:`` line and exit code 2; returns that line."""
+    from mmkd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err and err[-1].startswith("mmkd: error: ") and sum("mmkd: error" in line for line in err) == 1, err
+    return err[-1]
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA_ROOT / "fashion-mnist").is_dir():

@@ -19,17 +19,9 @@ from mmkd.core.classifier import DataMismatchError
 from mmkd.distillers import KD
 from mmkd.models.adapter import teacher_input_adapter
 
-from conftest import CONFIGS, REPO, SHORT
+from conftest import CONFIGS, REPO, SHORT, one_error
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-
-
-def one_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and err and err[-1].startswith("mmkd: error: ") and sum("mmkd: error" in line for line in err) == 1, err
-    return err[-1]
 
 
 def rgb_teacher() -> torch.nn.Module:

@@ -23,7 +23,7 @@ from mmkd.data.images import FASHION_MNIST_CLASSES
 from mmkd.export import export_onnx, student_from_checkpoint
 from mmkd.models import timm_model
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, one_error
 
 sys.path.insert(0, str(REPO / "tools"))
 import image_files  # noqa: E402
@@ -183,14 +183,6 @@ def test_in_memory_data_predicts_its_test_split_by_index_to_jsonl(trained: dict,
     with torch.no_grad():
         probs = trained["model"].eval()(images).softmax(-1)
     check_rows(rows, [str(i) for i in range(32)], probs, k=4)
-
-
-def one_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and err and err[-1].startswith("mmkd: error: ") and sum("mmkd: error" in line for line in err) == 1, err
-    return err[-1]
 
 
 def test_errors_end_in_one_line(files: dict, capsys: pytest.CaptureFixture) -> None:
