@@ -142,3 +142,55 @@ def test_package_metadata_declares_ranges_whose_lower_bounds_are_the_tested_pins
         assert set(specifiers) == {">=", "<"}, f"{requirement}: declare a range >=tested,<next-major"
         pin = pins[canonicalize_name(requirement.name)]
         assert specifiers[">="] == pin and requirement.specifier.contains(pin), f"{requirement} vs constraints.txt {pin}"
+
+
+class _Twice(torch.nn.Module):
+    """A block run twice per forward (weights shared), between two other layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(torch.relu(self.block(self.stem(x)))))
+
+
+def test_taps_on_inputs_and_on_repeated_calls() -> None:
+    from mmkd.core.taps import FeatureTap
+
+    model, x = _Twice(), torch.randn(5, 4)
+    tap = FeatureTap(model, ["head:input", "block@0", "block", "block:input@1", "stem"])
+    model(x)
+    taps = tap.pop()
+    first = model.block(model.stem(x))  # the definition, computed again by hand
+    second = model.block(torch.relu(first))
+    torch.testing.assert_close(taps["block@0"], first)
+    torch.testing.assert_close(taps["block"], second)  # the default: the last call
+    torch.testing.assert_close(taps["head:input"], second)
+    torch.testing.assert_close(taps["block:input@1"], torch.relu(first))
+    torch.testing.assert_close(taps["stem"], model.stem(x))
+    # gradients reach the module through a tapped input
+    taps["head:input"].sum().backward()
+    assert model.block.weight.grad is not None
+    bad = FeatureTap(model, ["block@2"])
+    model(x)
+    with pytest.raises(RuntimeError, match=r"ran 2 time\(s\) in the last forward pass; choose @0..@1"):
+        bad.pop()
+    with pytest.raises(ValueError, match="the only suffix is ':input'"):
+        FeatureTap(model, ["block:output"])
+    with pytest.raises(ValueError, match="after '@' comes the call's index"):
+        FeatureTap(model, ["block@last"])
+
+
+def test_fitnets_on_a_heads_input_through_the_config_path_syntax() -> None:
+    """A FitNets hint on the pooled features the classifiers see (``fc:input``) of two timm CNNs."""
+    from mmkd.distillers import FitNets
+
+    student = timm.create_model("resnet10t", num_classes=10, in_chans=1, channels=[16, 32, 64, 128], stem_width=8)
+    teacher = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    module = FitNets(student, teacher, student_layer="fc:input", teacher_layer="fc:input", head="linear", input_size=[1, 28, 28])
+    module.setup("fit")
+    assert module.feature_shapes["student"]["fc:input"] == [128] and module.feature_shapes["teacher"]["fc:input"] == [512]
+    losses = module.distillation_losses({"image": torch.randn(4, 1, 28, 28), "label": torch.arange(4)})
+    losses["hint"].backward()
+    assert torch.isfinite(losses["hint"]) and student.layer4[0].conv1.weight.grad is not None

@@ -26,10 +26,10 @@ def test_tap_records_shapes_and_gradients_flow() -> None:
     features["layer2"].pow(2).mean().backward()
     assert model.layer1[0].conv1.weight.grad is not None
     assert model.layer4[0].conv1.weight.grad is None  # downstream of layer2: untouched
-    assert tap.outputs == {}  # popped: nothing outlives the step
+    assert tap.calls == {}  # popped: nothing outlives the step
     tap.remove()
     model(torch.randn(2, 1, 28, 28))
-    assert tap.outputs == {}
+    assert tap.calls == {}
 
 
 def test_tap_on_transformer_blocks() -> None:
