@@ -29,14 +29,27 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite."""
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, cosine: bool) -> float:
-    """LR factor: linear warm-up over ``warmup_steps``, then cosine decay to 0 (or constant)."""
+def warmup_cosine(
+    step: int, total_steps: int, warmup_steps: float, cosine: bool, floor: float = 0.0, from_zero: bool = False
+) -> float:
+    """LR factor (of the peak lr) at optimiser step ``step`` (0-based): linear warm-up over
+    ``warmup_steps``, then a half cosine from 1 down to ``floor`` at ``total_steps`` (or constant).
+
+    The warm-up gives ``(step + 1) / warmup_steps`` (mmkd's default: the first step already
+    trains) or, with ``from_zero``, ``step / warmup_steps``: MAE's
+    ``util/lr_sched.adjust_learning_rate``, which G2SD uses unchanged (pengzhiliang/G2SD
+    ``G2SD/util/lr_sched.py``, called every optimiser step with the fractional epoch
+    ``data_iter_step / len(data_loader) + epoch``): ``lr * epoch / warmup_epochs`` in the warm-up,
+    then ``min_lr + (lr - min_lr) * (1 + cos(pi * (epoch - warmup_epochs) / (epochs -
+    warmup_epochs))) / 2``, i.e. this factor with ``floor = min_lr / lr`` and the warm-up in
+    (fractional) steps.
+    """
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step if from_zero else step + 1) / warmup_steps
     if not cosine:
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def input_keys(key: str | Sequence[str]) -> list[str]:
@@ -65,8 +78,13 @@ class TrainingModule(L.LightningModule):
     Args:
         optimizer: optimizer factory (``--model.init_args.optimizer=SGD`` or a class_path dict).
         lr_scheduler: scheduler factory, stepped per epoch; when unset, ``lr_schedule`` applies.
-        lr_schedule: per-step ``"cosine"`` decay to zero or ``"constant"``, after warm-up.
+        lr_schedule: per-step ``"cosine"`` decay (to ``min_lr``) or ``"constant"``, after warm-up.
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        min_lr: the learning rate the cosine ends at (MAE's and G2SD's ``--min_lr``), scaled
+            like the peak by each group's ``lr_scale``; 0 by default. Not used with ``lr_scheduler``.
+        warmup_from_zero: the warm-up starts at 0 in the first step, as MAE's and G2SD's
+            ``adjust_learning_rate`` (see :func:`warmup_cosine`); by default it starts at
+            ``lr / warmup_steps``.
         no_weight_decay_1d: no weight decay on 1-D parameters (norms, biases), as MAE's
             ``add_weight_decay``.
         layer_decay: layer-wise lr decay (BEiT/MAE fine-tuning): of ``n`` layer groups (embeddings,
@@ -87,11 +105,16 @@ class TrainingModule(L.LightningModule):
         layer_decay: float | None = None,
         check_finite: bool = True,
         shard_teacher: bool = False,
+        min_lr: float = 0.0,
+        warmup_from_zero: bool = False,
     ) -> None:
         super().__init__()
+        if min_lr < 0:
+            raise ValueError(f"min_lr must be >= 0, got {min_lr}")
         self.shard_teacher = shard_teacher
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.lr_schedule, self.warmup_epochs = lr_schedule, warmup_epochs
+        self.min_lr, self.warmup_from_zero = min_lr, warmup_from_zero
         self.no_weight_decay_1d, self.layer_decay = no_weight_decay_1d, layer_decay
         self.check_finite = check_finite
         self._rng_to_restore: dict | None = None
@@ -182,10 +205,16 @@ class TrainingModule(L.LightningModule):
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
         epochs = max(1, self.trainer.max_epochs or 1)
-        warmup_steps = round(self.warmup_epochs * total_steps / epochs)
+        warmup = self.warmup_epochs * total_steps / epochs
+        # MAE's warm-up runs in fractional epochs, so its length in steps is not rounded
+        warmup_steps = warmup if self.warmup_from_zero else round(warmup)
         cosine = self.lr_schedule == "cosine"
+        peak_lr = optimizer.defaults["lr"]  # the groups' lr_scale multiplies peak and floor alike
+        if self.min_lr > peak_lr:
+            raise ValueError(f"min_lr={self.min_lr} is above the optimizer's lr={peak_lr}: the cosine would rise")
+        floor = self.min_lr / peak_lr if peak_lr > 0 else 0.0
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, cosine)
+            optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, cosine, floor, self.warmup_from_zero)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

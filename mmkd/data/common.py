@@ -150,6 +150,12 @@ class ImageTensorDataset(Dataset):
     batch with tensor operations (use ``collate_fn=passthrough_collate``). With ``augment``, a
     random shift (zero padding of ``pad`` pixels, random crop) and, if ``hflip``, a horizontal
     flip are drawn by :func:`sample_randint` from (seed, epoch, index).
+
+    Also with ``augment``, as timm's ``create_transform`` orders them (and the file data modules,
+    :mod:`mmkd.data.views`): ``auto_augment``, a timm RandAugment / AutoAugment string
+    (``"rand-m9-mstd0.5-inc1"``, G2SD's specific stage), on the shifted image, and random erasing
+    with probability ``re_prob`` (timm ``RandomErasing``, pixel mode) on the normalised one. Both
+    run per sample under a seed drawn from (seed, epoch, index), so they repeat on resume.
     """
 
     def __init__(
@@ -162,7 +168,11 @@ class ImageTensorDataset(Dataset):
         pad: int = 2,
         hflip: bool = True,
         seed: int = 0,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
     ) -> None:
+        from mmkd.data.views import Augment  # here: views imports this module
+
         if images.dtype != torch.uint8 or images.ndim != 3:
             raise ValueError(f"expected uint8 images [N, H, W], got {images.dtype} {list(images.shape)}")
         if len(images) != len(labels):
@@ -170,6 +180,8 @@ class ImageTensorDataset(Dataset):
         self.images, self.labels = images, labels.long()
         self.mean, self.std = mean, std
         self.augment, self.pad, self.hflip, self.seed = augment, pad, hflip, seed
+        self.auto_augment, self.re_prob = auto_augment, re_prob
+        self._timm_augment = Augment(auto_augment=auto_augment, re_prob=re_prob)  # checks the string now
 
     def __len__(self) -> int:
         return len(self.images)
@@ -178,7 +190,9 @@ class ImageTensorDataset(Dataset):
         """The samples at ``indices`` (re-indexed from 0), with other ``labels`` if given."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         labels = self.labels[indices] if labels is None else torch.as_tensor(labels)
-        return ImageTensorDataset(self.images[indices], labels, self.mean, self.std, self.augment, self.pad, self.hflip, self.seed)
+        return ImageTensorDataset(
+            self.images[indices], labels, self.mean, self.std, self.augment, self.pad, self.hflip, self.seed, self.auto_augment, self.re_prob
+        )
 
     def sample_key(self, i: int) -> str:
         """A sample's name in a list of labelled samples: its position."""
@@ -195,8 +209,43 @@ class ImageTensorDataset(Dataset):
         images = self.images[indices].float().div_(255.0)
         if self.augment:
             images = self._augment(images, indices, epochs)
+            if self.auto_augment:
+                images = self._auto_augment(images, indices, epochs)
         images = (images - self.mean) / self.std
+        if self.augment and self.re_prob > 0:
+            images = self._random_erasing(images, indices, epochs)
         return {"image": images.unsqueeze(1), "label": self.labels[indices], "index": indices}
+
+    def _auto_augment(self, images: torch.Tensor, indices: torch.Tensor, epochs: torch.Tensor) -> torch.Tensor:
+        """timm's RandAugment per image, on its RGB copy as the file data modules run it (grey
+        in, grey out: the three channels stay equal, and PIL's luma of equal channels is exact)."""
+        import numpy as np
+        from PIL import Image
+
+        from mmkd.data.views import ViewSpec, _auto_augment, _seeded
+
+        view = ViewSpec(size=tuple(images.shape[1:]), mean=(self.mean,), std=(self.std,), channels=1)
+        transform = _auto_augment(self.auto_augment, view)
+        seeds = sample_randint(self.seed, epochs, indices, 4, 2**31)
+        pixels = images.mul(255.0).round_().to(torch.uint8).numpy()
+        out = torch.empty_like(images)
+        for i, (picture, seed) in enumerate(zip(pixels, seeds.tolist())):
+            with _seeded(seed):
+                augmented = transform(Image.fromarray(picture).convert("RGB")).convert("L")
+            out[i] = torch.from_numpy(np.array(augmented, dtype=np.uint8)).float()
+        return out.div_(255.0)
+
+    def _random_erasing(self, images: torch.Tensor, indices: torch.Tensor, epochs: torch.Tensor) -> torch.Tensor:
+        """timm's RandomErasing per normalised image ``[H, W]`` (as ``[1, H, W]``)."""
+        from mmkd.data.views import _random_erasing, _seeded
+
+        erase = _random_erasing(self._timm_augment)
+        seeds = sample_randint(self.seed, epochs, indices, 5, 2**31)
+        images = images.clone()
+        for i, seed in enumerate(seeds.tolist()):
+            with _seeded(seed):
+                images[i] = erase(images[i].unsqueeze(0))[0]
+        return images
 
     def _augment(self, images: torch.Tensor, indices: torch.Tensor, epochs: torch.Tensor) -> torch.Tensor:
         count, height, width = images.shape

@@ -45,6 +45,11 @@ class IDXImageDataModule(InMemoryDataModule):
         val_size: images of the training files held out for validation.
         seed: seed of the train/val split and of the training order and augmentation.
         augment: random shift by up to 2 px (and horizontal flip where the classes allow it).
+        auto_augment: with ``augment``, a timm RandAugment / AutoAugment string applied after the
+            shift (``"rand-m9-mstd0.5-inc1"``: G2SD's specific stage); translations scale with
+            the 28-px image as timm's do with 224 px (45 % of the side at full magnitude).
+        re_prob: with ``augment``, timm random erasing (pixel mode) on the normalised image with
+            this probability (G2SD's specific stage: 0.25).
         num_workers: DataLoader workers (the data is in memory; 0 is usually fastest on CPU).
         download: let ``prepare_data`` download missing files with torchvision.
     """
@@ -73,10 +78,13 @@ class IDXImageDataModule(InMemoryDataModule):
         augment: bool = True,
         num_workers: int = 0,
         download: bool = True,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, num_workers=num_workers)
         self.root = Path(root).expanduser() if root else default_data_root()
         self.val_size, self.augment, self.download = val_size, augment, download
+        self.auto_augment, self.re_prob = auto_augment, re_prob
 
     # -- locating and fetching files ------------------------------------------------------------
     def _paths(self) -> dict[str, Path] | None:
@@ -127,7 +135,7 @@ class IDXImageDataModule(InMemoryDataModule):
         self.splits = {
             "train": ImageTensorDataset(
                 train_images[train_idx], train_labels[train_idx], augment=self.augment,
-                hflip=self.hflip, seed=self.seed, **common,
+                hflip=self.hflip, seed=self.seed, auto_augment=self.auto_augment, re_prob=self.re_prob, **common,
             ),
             "val": ImageTensorDataset(train_images[val_idx], train_labels[val_idx], **common),
             "test": ImageTensorDataset(test_images, test_labels, **common),

@@ -190,7 +190,9 @@ class _seeded:
         self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
-        torch.manual_seed(self.seed)
+        # the CPU generator only (the draws are on CPU): torch.manual_seed would also queue a seeding
+        # of every CUDA device, with a stack trace per call, which cost more than the augmentation
+        torch.default_generator.manual_seed(self.seed)
 
     def __exit__(self, *exc: Any) -> None:
         random.setstate(self.states[0])
@@ -297,8 +299,34 @@ def _auto_augment(config: str, view: ViewSpec) -> Any:
             transform = auto_augment_transform(config, hparams)
         else:
             raise ValueError(f"auto_augment {config!r} is not a timm RandAugment ('rand-...'), AutoAugment ('original', 'v0', '3a') or AugMix ('augmix-...') string")
+        _posterize_keeps_zero_bits(transform)
         _AUTO_AUGMENT_CACHE[key] = transform
     return _AUTO_AUGMENT_CACHE[key]
+
+
+def _posterize_zero_bits_as_black(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's ``posterize`` for any bit count. At full magnitude (``rand-m9-mstd0.5``'s magnitude noise
+    reaches the cap of 10 in about 2 % of draws) ``PosterizeIncreasing`` keeps 0 bits, which the Pillow
+    of timm's and MAE's days turned into a black image (``i & ~255`` for every level) and Pillow >= 10
+    refuses with a ValueError that would stop training."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)  # all channels 0
+    return posterize(image, bits_to_keep, **kwargs)
+
+
+def _posterize_keeps_zero_bits(transform: Any) -> None:
+    """Swap :func:`_posterize_zero_bits_as_black` into the posterize ops of a timm RandAugment / AugMix
+    (``ops``) or AutoAugment (``policy``, lists of ops)."""
+    from timm.data.auto_augment import posterize
+
+    ops = list(getattr(transform, "ops", []) or [])
+    for sub_policy in getattr(transform, "policy", []) or []:
+        ops += list(sub_policy)
+    for op in ops:
+        if getattr(op, "aug_fn", None) is posterize:
+            op.aug_fn = _posterize_zero_bits_as_black
 
 
 def _random_erasing(augment: Augment) -> Any:

@@ -40,6 +40,10 @@ class DFine(TrainingModule):
     Batches are ``{"image": [B, 3, H, W], "targets": [{"labels", "boxes" (cxcywh, normalised),
     "orig_size"}, ...]}`` (:class:`~mmkd.data.detection.CocoDetectionDataModule`).
 
+    ``model`` may also be a detector that returns the official D-FINE layout (``enc_aux_outputs`` and
+    ``enc_meta`` instead of ``enc_outputs``, plus ``up`` and ``reg_scale``): the criterion reads both layouts
+    (:meth:`~mmkd.losses.detection.DFINECriterion.canonical_outputs`) and refuses outputs it has no losses for.
+
     Logged: ``train/loss_{vfl,bbox,giou,fgl,ddf}`` (each summed over the decoder layers, the pre
     head and the encoder proposals, weights applied), ``train/loss``; ``val/map``, ``val/map_50``,
     ``val/map_75``, ``val/map_small``, ``val/map_medium``, ``val/map_large`` (torchmetrics'

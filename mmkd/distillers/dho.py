@@ -52,17 +52,24 @@ def search_mix(
     alphas: Sequence[float] = ALPHA_GRID,
     betas: Sequence[float] = BETA_GRID,
 ) -> tuple[float, float, float]:
-    """The ``(alpha, beta)`` of the grids with the highest accuracy, and that accuracy. Ties go to
-    the first in grid order (alpha outer, beta inner), as the official loops keep only strict
-    improvements."""
+    """The ``(alpha, beta)`` of the grids with the highest accuracy, and that accuracy, searched
+    as the official ``evaluate(..., search_param=True)`` of ``train_others.py`` (erjui/DHO at
+    846de75, the loop after "# Parameter search"; the same in ``train_imgnet.py``): ``beta`` in the
+    outer loop, ``alpha`` in the inner one, and a pair replaces the best only when its accuracy is
+    strictly higher. Ties therefore go to the first ``beta`` of its grid, then the first ``alpha``. The
+    search starts from accuracy 0 with the official fallback pair ``(alpha 0, beta 1)`` (the KD
+    head alone, unscaled), which is kept when no pair classifies a single sample correctly."""
     ce_probs = ce_logits.float().softmax(-1)
-    kd_probs = {beta: (kd_logits.float() / beta).softmax(-1) for beta in betas}
-    best_accuracy, best_alpha, best_beta = -1.0, alphas[0], betas[0]
-    for alpha in alphas:
-        for beta in betas:
-            accuracy = float(((alpha * ce_probs + (1 - alpha) * kd_probs[beta]).argmax(-1) == labels).float().mean())
-            if accuracy > best_accuracy:
-                best_accuracy, best_alpha, best_beta = accuracy, alpha, beta
+    # correct counts, not float accuracies: the comparison is exact, as the official one on
+    # 100 * correct / total (one total for every pair)
+    best_correct, best_alpha, best_beta = 0, 0.0, 1.0
+    for beta in betas:
+        kd_probs = (kd_logits.float() / beta).softmax(-1)
+        for alpha in alphas:
+            correct = int(((alpha * ce_probs + (1 - alpha) * kd_probs).argmax(-1) == labels).sum())
+            if correct > best_correct:
+                best_correct, best_alpha, best_beta = correct, alpha, beta
+    best_accuracy = best_correct / max(1, len(labels))
     return best_alpha, best_beta, best_accuracy
 
 
@@ -132,18 +139,24 @@ def dual_head_clip_student(
     pretrained: str | None = None,
     templates: str | list[str] = "imagenet7",
     init_heads_from_text: bool = True,
+    replace_underscores: bool = True,
     **kwargs: Any,
 ) -> DualHeadStudent:
     """A :class:`DualHeadStudent` on an open_clip image tower (DHO's ImageNet students), both
     heads initialised from the student CLIP's own text embeddings: per class the plain mean of
-    the prompt embeddings, unnormalised, as the official script does; biases zero."""
+    the prompt embeddings, unnormalised, as the official script does; biases zero. The class
+    names' ``_`` become spaces in the prompts (``replace_underscores``), as the official
+    ``StudentModel`` of ``train_imgnet_semi.py`` does."""
     import open_clip
 
     clip = create_clip(model_name, pretrained)
     student = DualHeadStudent(clip.visual, len(class_names), **kwargs)
     if init_heads_from_text:
         clip.eval()
-        weights = zero_shot_weights(clip, open_clip.get_tokenizer(model_name), class_names, templates, normalize_prompts=False, renormalize=False)
+        weights = zero_shot_weights(
+            clip, open_clip.get_tokenizer(model_name), class_names, templates,
+            normalize_prompts=False, renormalize=False, replace_underscores=replace_underscores,
+        )  # fmt: skip
         with torch.no_grad():
             for head in (student.ce_head, student.kd_head):
                 head.weight.copy_(weights.T)

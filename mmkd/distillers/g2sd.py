@@ -57,8 +57,12 @@ class G2SDGeneric(TrainingModule):
             at the end of fit as ``encoder.safetensors`` (timm ``VisionTransformer`` keys) and
             ``decoder.safetensors``, for task heads to start from.
         input_key: image key of the batches (labels are not used).
+        min_lr, warmup_from_zero: the official schedule (``main_distill.py`` ``--min_lr 2.5e-6``,
+            MAE's ``util/lr_sched.py``): warm-up from 0, half cosine down to ``min_lr``; see
+            :func:`~mmkd.core.classifier.warmup_cosine`.
         **kwargs: optimisation keys of :class:`~mmkd.core.classifier.TrainingModule` (official:
-            AdamW betas (0.9, 0.95), weight decay 0.05 with ``no_weight_decay_1d``, warm-up + cosine).
+            AdamW betas (0.9, 0.95), weight decay 0.05 with ``no_weight_decay_1d``, 10 warm-up
+            epochs of 300).
     """
 
     def __init__(
@@ -72,9 +76,11 @@ class G2SDGeneric(TrainingModule):
         loss_impl: LossImpl = "auto",
         export_dir: str | None = None,
         input_key: str = "image",
+        min_lr: float = 2.5e-6,
+        warmup_from_zero: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(min_lr=min_lr, warmup_from_zero=warmup_from_zero, **kwargs)
         self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
         teacher_mae = self.teacher.model
         for role, model in (("student", student), ("teacher", teacher_mae)):
@@ -174,6 +180,9 @@ class G2SDSpecific(Distiller):
         distill_weight: weight of the distillation head's loss (0.5).
         distillation: ``"hard"`` (official) or ``"soft"``.
         temperature: for ``"soft"``.
+        min_lr, warmup_from_zero: the official schedule (``main_finetune_dis.py`` ``--min_lr
+            1e-6``, MAE's ``util/lr_sched.py``): warm-up from 0, half cosine down to ``min_lr``; see
+            :func:`~mmkd.core.classifier.warmup_cosine`.
         **kwargs: :class:`~mmkd.core.Distiller`/``Classifier`` keys (``mixup``, ``layer_decay``, ...).
     """
 
@@ -186,6 +195,8 @@ class G2SDSpecific(Distiller):
         distill_weight: float = 0.5,
         distillation: Literal["hard", "soft"] = "hard",
         temperature: float = 1.0,
+        min_lr: float = 1e-6,
+        warmup_from_zero: bool = True,
         **kwargs: Any,
     ) -> None:
         if not hasattr(student, "forward_heads"):
@@ -194,7 +205,9 @@ class G2SDSpecific(Distiller):
             raise ValueError("G2SDSpecific runs the teacher on mixup/cutmix batches, which a teacher cache cannot hold")
         if distillation not in ("hard", "soft"):
             raise ValueError(f"distillation must be 'hard' or 'soft', got {distillation!r}")
-        super().__init__(student, teacher, terms=[], ce_weight=1.0 - distill_weight, **kwargs)
+        super().__init__(
+            student, teacher, terms=[], ce_weight=1.0 - distill_weight, min_lr=min_lr, warmup_from_zero=warmup_from_zero, **kwargs
+        )
         self.distill_weight, self.distillation, self.temperature = distill_weight, distillation, temperature
         self.val_acc_cls = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_acc_dist = MulticlassAccuracy(self.num_classes, average="micro")

@@ -14,7 +14,8 @@ own optimiser (manual optimisation):
 3. **Routed distillation**: a router on the student's logits picks the top-k specialised
    teachers per sample; loss ``w_task CE + w_kl KL(p_teacher || p_student) + w_lb KL(U || mean
    routing)``, the weights decayed after every epoch as in the official code. The student with
-   the lowest validation CE is kept.
+   the lowest validation CE is kept, the CE averaged over validation batches as the official
+   ``L_s_val / (i + 1)`` (``main-MST-Distill.py``, stage-3 validation), not over samples.
 
 Differences from the official code, none of them numerical:
 - Stage 2 sums the MaskNets' losses and takes one backward pass and one Adam over all MaskNets,
@@ -32,6 +33,7 @@ gives the paper's one mask per specialised teacher, as in stage 2.
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -61,7 +63,8 @@ class MaskNet(nn.Module):
     (``Linear(C -> H*C)``), self-attention runs over the channel tokens, and a linear layer and a
     sigmoid give one value in (0, 1) per channel. A feature map ``[B, C, h, w]`` with ``h*w > 1``
     is first reduced to ``[B, C]`` (depthwise 3x3 stride-2 conv, 1x1 conv, BN, ReLU, global
-    average pool), as the official ``MaskNet_2d``.
+    average pool), as the official ``MaskNet_2d`` / ``SpatialReduction`` (``KD_methods/MST.py``),
+    whose two convolutions have no bias (``bias=False``; the BN after them has the shift).
 
     Args:
         channels: ``C``.
@@ -69,16 +72,18 @@ class MaskNet(nn.Module):
         hidden_dim_factor: ``H = C // (hidden_dim_factor * heads) * heads``; the projector holds
             about ``H * C^2`` weights, so this keeps MaskNets small (official default 2).
         heads: attention heads (official 3).
+        reduction_bias: biases in the two reduction convolutions (not official; what mmkd's
+            MaskNets had before, kept to load their checkpoints).
     """
 
-    def __init__(self, channels: int, spatial: bool = False, hidden_dim_factor: int = 2, heads: int = 3) -> None:
+    def __init__(self, channels: int, spatial: bool = False, hidden_dim_factor: int = 2, heads: int = 3, reduction_bias: bool = False) -> None:
         super().__init__()
         self.channels = channels
         self.hidden = max(heads, channels // (hidden_dim_factor * heads) * heads)
         self.reduce = (
             nn.Sequential(
-                nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels),
-                nn.Conv2d(channels, channels, 1),
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=reduction_bias),
+                nn.Conv2d(channels, channels, 1, bias=reduction_bias),
                 nn.BatchNorm2d(channels),
                 nn.ReLU(),
                 nn.AdaptiveAvgPool2d(1),
@@ -202,6 +207,12 @@ class MSTDistill(TrainingModule):
         cumulative_masks: stage-3 teachers as the official code builds them (see the module docstring).
         select_best: keep the stage-2 MaskNets with the lowest validation loss and the stage-3
             student with the lowest validation CE (official); ``False`` keeps the last ones.
+        selection_average: how those validation values are averaged over the split:
+            ``"batches"``, the mean of the per-batch values (official: ``Loss_s2_all / (i + 1)``
+            and ``L_s_val / (i + 1)`` in ``main-MST-Distill.py``; a short last batch weighs as
+            much as a full one), or ``"samples"``, weighted by batch size.
+        masknet_reduction_bias: biases in the 2-D MaskNets' reduction convolutions (see
+            :class:`MaskNet`; official: none). Checkpoints written with them need it set.
         start_stage / init_from: start at this stage from a ``mst_stage{n}.ckpt`` of an earlier run.
         input_shapes: ``{modality: shape}``; default the data module's ``input_shape``.
     """
@@ -232,6 +243,8 @@ class MSTDistill(TrainingModule):
         mask_heads: int = 3,
         cumulative_masks: bool = True,
         select_best: bool = True,
+        selection_average: Literal["batches", "samples"] = "batches",
+        masknet_reduction_bias: bool = False,
         start_stage: int = 1,
         init_from: str | None = None,
         input_shapes: dict[str, list[int]] | None = None,
@@ -262,6 +275,9 @@ class MSTDistill(TrainingModule):
         self.kl_decay, self.lb_decay, self.lb_mode = tuple(kl_decay), tuple(lb_decay), lb_mode
         self.hidden_dim_factor, self.mask_heads = hidden_dim_factor, mask_heads
         self.cumulative_masks, self.select_best = cumulative_masks, select_best
+        if selection_average not in ("batches", "samples"):
+            raise ValueError(f"selection_average must be 'batches' or 'samples', got {selection_average!r}")
+        self.selection_average, self.masknet_reduction_bias = selection_average, masknet_reduction_bias
         self.start_stage, self.init_from = start_stage, init_from
         self.input_shapes = input_shapes
         for base, net in (("mm", multimodal_teacher), ("cm", crossmodal_teacher)):
@@ -323,7 +339,7 @@ class MSTDistill(TrainingModule):
             for name, path in zip(self.mask_names(base), self.mask_layers[base]):
                 shape = shapes[name]
                 spatial = len(shape) == 3 and shape[1] * shape[2] > 1
-                self.masknets[name] = MaskNet(shape[0], spatial, self.hidden_dim_factor, self.mask_heads)
+                self.masknets[name] = MaskNet(shape[0], spatial, self.hidden_dim_factor, self.mask_heads, self.masknet_reduction_bias)
                 get_module(net, path).register_forward_hook(lambda m, a, o, name=name: self._mask_hook(name, m, a, o))
         self.mask_shapes = shapes
 
@@ -486,6 +502,7 @@ class MSTDistill(TrainingModule):
                 f"init_from: {path} completed stage {completed}, but start_stage={self.start_stage} starts from the end of "
                 f"stage {self.start_stage - 1}: use that stage's mst_stage{self.start_stage - 1}.ckpt"
             )
+        self.check_masknet_bias(checkpoint["state_dict"], f"init_from: {path}")
         self.load_state_dict(checkpoint["state_dict"])
         self.completed_stage = completed
 
@@ -548,11 +565,13 @@ class MSTDistill(TrainingModule):
         self.log(f"{split}/acc_mm", self.metrics[f"{split}_acc_mm"], batch_size=len(labels))
         self.log(f"{split}/acc_cm", self.metrics[f"{split}_acc_cm"], batch_size=len(labels))
         if split == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self.val_ce.update(ce, len(labels))
+            # the selection criteria: each batch counts once (official) or by its size
+            weight = 1 if self.selection_average == "batches" else len(labels)
+            self.val_ce.update(ce, weight)
             if self.stage == 2:
                 losses = self.masknet_losses(batch)
                 per_base = [torch.stack([losses[n] for n in self.mask_names(base)]).mean() for base in BASES]
-                self.val_masknet.update(sum(per_base), len(labels))
+                self.val_masknet.update(sum(per_base), weight)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -591,8 +610,25 @@ class MSTDistill(TrainingModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["mmkd"].update(mst_mask_shapes=self.mask_shapes, mst_completed_stage=self.completed_stage, mst_best=self.best)
 
+    def check_masknet_bias(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """A clear error for a checkpoint whose 2-D MaskNets have (or lack) reduction-conv biases
+        that this module's MaskNets lack (or have), instead of a list of unexpected keys."""
+        spatial = {key.split(".")[1] for key in state_dict if re.match(r"^masknets\.[^.]+\.reduce\.2\.weight$", key)}
+        if not spatial:  # no 2-D MaskNet in the checkpoint: nothing differs
+            return
+        with_bias = any(re.match(r"^masknets\.[^.]+\.reduce\.[01]\.bias$", key) for key in state_dict)
+        if with_bias != self.masknet_reduction_bias:
+            written = "with" if with_bias else "without"
+            raise ValueError(
+                f"{source} holds 2-D MaskNets ({', '.join(sorted(spatial))}) {written} biases in their reduction convolutions, "
+                f"but masknet_reduction_bias={self.masknet_reduction_bias}: set model.init_args.masknet_reduction_bias="
+                f"{str(with_bias).lower()} to load it (mmkd's MaskNets had these biases before following the official "
+                "SpatialReduction, which has none)"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        self.check_masknet_bias(checkpoint.get("state_dict", {}), "the checkpoint")
         info = checkpoint.get("mmkd", {})
         if self.mask_shapes is None and info.get("mst_mask_shapes"):
             self.build_masknets(info["mst_mask_shapes"])

@@ -504,6 +504,26 @@ def ddf_loss(
 
 DEFAULT_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
 
+# The detector's output dict. mmkd's layout (DFineDetector) names the encoder proposals
+# ``enc_outputs``; the official DFINETransformer (``src/zoo/dfine/dfine_decoder.py``, the ``out`` dict
+# of ``forward`` in training) names them ``enc_aux_outputs`` and adds ``enc_meta`` and the FDR
+# constants ``up`` and ``reg_scale``. Both layouts are read; every other key is an error.
+OUTPUT_KEYS = frozenset({
+    "pred_logits", "pred_boxes", "pred_corners", "ref_points", "aux_outputs", "pre_outputs", "enc_outputs",
+    "enc_aux_outputs", "enc_meta", "up", "reg_scale",
+})  # fmt: skip
+# the official model's contrastive-denoising outputs, for which this criterion has no losses
+DENOISING_KEYS = frozenset({"dn_outputs", "dn_pre_outputs", "dn_meta"})
+# keys of one layer's dict (final, aux, pre, encoder); ``up``/``reg_scale`` are what the official
+# criterion writes into its aux dicts
+LAYER_KEYS = frozenset({"pred_logits", "pred_boxes", "pred_corners", "ref_points", "teacher_corners", "teacher_logits", "up", "reg_scale"})
+
+
+class DetectionOutputError(ValueError):
+    """A detector output the criterion cannot take in full: an unknown key, an output it has no
+    losses for, or constants that disagree with the criterion's. Raised instead of leaving any
+    part of the output out of the losses."""
+
 
 def _mean_over_ranks(count: int, device: torch.device) -> float:
     """A box count, averaged over ranks when torch.distributed is initialised, clamped at 1."""
@@ -537,7 +557,10 @@ class DFINECriterion(nn.Module):
     There are no denoising (CDN) queries: no ``_dn`` keys, and the DDF count weights are always this layer's own.
     ``outputs`` is the detector's dict (see the shared contract): ``pred_logits``, ``pred_boxes``,
     ``pred_corners``, ``ref_points``, ``aux_outputs`` (with ``teacher_corners``, ``teacher_logits``),
-    ``pre_outputs`` and ``enc_outputs``; missing or None optional entries are skipped.
+    ``pre_outputs`` and ``enc_outputs``; missing or None optional entries are skipped. The official model's
+    layout is read too (:meth:`canonical_outputs`): encoder proposals under ``enc_aux_outputs`` with ``enc_meta``,
+    and ``up``/``reg_scale``, which must equal the criterion's. Keys of neither layout, and the official
+    denoising outputs (``dn_outputs``, ...), raise :class:`DetectionOutputError`.
 
     Args:
         num_classes: C of ``pred_logits``, checked on each call.
@@ -577,6 +600,40 @@ class DFINECriterion(nn.Module):
         self.ddf_temperature = ddf_temperature
         self.union_matching, self.use_ddf = union_matching, use_ddf
 
+    def canonical_outputs(self, outputs: dict) -> dict:
+        """``outputs`` in mmkd's layout: the official ``enc_aux_outputs`` become ``enc_outputs``, ``enc_meta``,
+        ``up`` and ``reg_scale`` are checked and dropped; anything the losses would not read is an error."""
+        denoising = sorted(DENOISING_KEYS & outputs.keys())
+        if denoising:
+            raise DetectionOutputError(
+                f"the outputs hold contrastive-denoising entries {denoising}, but this criterion has no denoising (CDN) "
+                "losses: turn denoising off in the detector rather than let those outputs go untrained"
+            )
+        unknown = sorted(set(outputs) - OUTPUT_KEYS)
+        if unknown:
+            raise DetectionOutputError(f"unknown detector outputs {unknown}; the criterion reads {sorted(OUTPUT_KEYS)}")
+        if "enc_outputs" in outputs and "enc_aux_outputs" in outputs:
+            raise DetectionOutputError("the outputs hold both enc_outputs (mmkd) and enc_aux_outputs (official); give one")
+        if (outputs.get("enc_meta") or {}).get("class_agnostic"):
+            raise DetectionOutputError(
+                "enc_meta.class_agnostic=True (the official query_select_method='agnostic') scores the encoder proposals "
+                "with one class; this criterion has only the default class-aware encoder losses"
+            )
+        for name, value in (("up", self.up), ("reg_scale", self.reg_scale)):
+            given = outputs.get(name)
+            if given is not None and abs(float(given) - value) > 1e-6:
+                raise DetectionOutputError(f"the outputs' {name}={float(given)} differs from the criterion's {name}={value}")
+        canonical = {key: value for key, value in outputs.items() if key not in ("enc_aux_outputs", "enc_meta", "up", "reg_scale")}
+        if "enc_aux_outputs" in outputs:
+            canonical["enc_outputs"] = outputs["enc_aux_outputs"]
+        layers = [canonical, *(canonical.get("aux_outputs") or []), *(canonical.get("enc_outputs") or [])]
+        layers += [canonical["pre_outputs"]] if canonical.get("pre_outputs") is not None else []
+        for layer in layers[1:]:
+            unknown = sorted(set(layer) - LAYER_KEYS)
+            if unknown:
+                raise DetectionOutputError(f"unknown keys {unknown} in a layer's outputs; a layer has {sorted(LAYER_KEYS)}")
+        return canonical
+
     @staticmethod
     def _named_outputs(outputs: dict) -> list[tuple[str, dict]]:
         """(key suffix, output dict) of every output that gets losses, in the official order."""
@@ -589,6 +646,7 @@ class DFINECriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[Target]) -> dict[str, torch.Tensor]:
         """Weighted losses of one forward; ``outputs`` as the detector returns it, ``targets`` one dict per image."""
+        outputs = self.canonical_outputs(outputs)
         if outputs["pred_logits"].shape[-1] != self.num_classes:
             raise ValueError(f"pred_logits has {outputs['pred_logits'].shape[-1]} classes, expected {self.num_classes}")
         device = outputs["pred_logits"].device

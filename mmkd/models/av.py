@@ -3,13 +3,21 @@ images, a three-layer CNN for the log-mel spectrograms, and an intermediate-fusi
 concatenates the two trunks. Layers that MST-Distill masks are modules of their own
 (``concat_identity``, ``fc1``, ``conv2``, ...), so hooks address them by module path.
 
-Differences from the official ``models/CNNs.py`` / ``LeNet5.py`` (their inputs are 112x112
-spectrograms, ours are ``n_mels x frames``, 32x32 by default): the audio CNN ends in global
-average pooling instead of a 128x14x14 flatten, and the fusion net's audio trunk is that CNN
-(64 features with the default ``audio_channels``) instead of a five-layer CNN (512). Widths are arguments.
+As the official ``models/LeNet5.py`` and ``models/CNNs.py`` (Gray-OREO/MST-Distill at 093b2fe):
+LeNet-5 pools with 2x2 *average* pooling (``nn.AvgPool2d``), and ``IntermediateFusionNet``
+applies ``fc1`` and ``fc2`` with no activation in between. ``LeNet5(pool="max")`` and
+``AVFusionNet(hidden_relu=True)`` give the max pooling and the ReLU of mmkd before it followed
+the official code (what its earlier checkpoints were trained with; the weights are the same keys).
+
+Differences from the official code (their inputs are 112x112 spectrograms, ours are
+``n_mels x frames``, 32x32 by default): the audio CNN ends in global average pooling instead of a
+128x14x14 flatten, and the fusion net's audio trunk is that CNN (64 features with the default
+``audio_channels``) instead of a five-layer CNN (512). Widths are arguments.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +25,23 @@ from torch import nn
 
 
 class LeNet5(nn.Module):
-    """LeNet-5 on 1x28x28 images: conv 6 -> conv 16 -> conv 120 (1x1 map) -> fc 84 -> classes.
+    """LeNet-5 on 1x28x28 images: conv 6 -> pool -> conv 16 -> pool -> conv 120 (1x1 map) -> fc 84
+    -> classes, ReLU after every conv and ``fc1``.
 
     ``features`` returns the 84-d ``fc1`` activation (the trunk the fusion net reuses).
+
+    Args:
+        pool: the 2x2 stride-2 pooling, ``"avg"`` (official ``LeNet5.py``: ``nn.AvgPool2d``) or
+            ``"max"``.
     """
 
     feature_dim = 84
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, pool: Literal["avg", "max"] = "avg") -> None:
         super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        self.pool = pool
         self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.conv3 = nn.Conv2d(16, 120, 5)
@@ -33,8 +49,9 @@ class LeNet5(nn.Module):
         self.fc2 = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        pool = F.avg_pool2d if self.pool == "avg" else F.max_pool2d
+        x = pool(F.relu(self.conv1(x)), 2)
+        x = pool(F.relu(self.conv2(x)), 2)
         x = F.relu(self.conv3(x))
         return F.relu(self.fc1(x.flatten(1)))
 
@@ -72,14 +89,26 @@ class AudioCNN(nn.Module):
 class AVFusionNet(nn.Module):
     """Intermediate fusion (the official ``IntermediateFusionNet``): image trunk (LeNet-5, 84-d)
     and audio trunk (:class:`AudioCNN`), concatenated (``concat_identity``, an identity module so
-    that it can be hooked), then ``fc1`` (half the width) -> ReLU -> ``fc2`` -> classes.
+    that it can be hooked), then ``fc1`` (half the width) -> ``fc2`` -> classes, with no
+    activation between the two, as the official ``IntermediateFusionNet.forward``.
 
     ``forward(image, audio)`` takes the modalities in that order.
+
+    Args:
+        image_pool: the LeNet-5 trunk's pooling (see :class:`LeNet5`; official ``"avg"``).
+        hidden_relu: a ReLU between ``fc1`` and ``fc2`` (not in the official net).
     """
 
-    def __init__(self, num_classes: int = 10, audio_channels: tuple[int, int, int] = (16, 32, 64)) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        audio_channels: tuple[int, int, int] = (16, 32, 64),
+        image_pool: Literal["avg", "max"] = "avg",
+        hidden_relu: bool = False,
+    ) -> None:
         super().__init__()
-        self.image = LeNet5(num_classes)
+        self.hidden_relu = hidden_relu
+        self.image = LeNet5(num_classes, pool=image_pool)
         self.audio = AudioCNN(num_classes, audio_channels)
         # The trunks' own classifiers are not part of the fusion net.
         del self.image.fc2, self.audio.fc
@@ -90,4 +119,5 @@ class AVFusionNet(nn.Module):
 
     def forward(self, image: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         fused = self.concat_identity(torch.cat([self.image.features(image), self.audio.features(audio)], dim=1))
-        return self.fc2(F.relu(self.fc1(fused)))
+        hidden = self.fc1(fused)
+        return self.fc2(F.relu(hidden) if self.hidden_relu else hidden)

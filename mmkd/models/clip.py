@@ -111,16 +111,24 @@ def zero_shot_weights(
     templates: str | Sequence[str] = "imagenet7",
     normalize_prompts: bool = True,
     renormalize: bool = True,
+    replace_underscores: bool = True,
 ) -> torch.Tensor:
     """Class weights ``[D, C]`` of a zero-shot classifier: each class's prompts encoded by the
     text tower, each L2-normalised (``normalize_prompts``), averaged over templates, and the mean
     L2-normalised again (``renormalize``). DHO's code renormalises for OpenAI CLIP teachers but
-    not for DFN5B, and initialises its student heads from unnormalised means (both off)."""
+    not for DFN5B, and initialises its student heads from unnormalised means (both off).
+
+    ``replace_underscores`` writes ``_`` in class names as spaces in the prompts. DHO's code does
+    so on its OpenAI-CLIP paths (``clip_classifier`` of every training script and the student
+    heads' text initialisation of ``train_imgnet_semi.py``) but not on its DFN5B teacher path
+    (``train_imgnet_semi.py:369-385``; ``reference/dho_g2sd.md`` §1.3), where names go into the
+    templates as they are: set it off to reproduce that path."""
     templates = resolve_templates(templates)
     device = next(model.parameters()).device
     columns = []
     for name in class_names:
-        texts = [template.format(name.replace("_", " ")) for template in templates]
+        prompt_name = name.replace("_", " ") if replace_underscores else name
+        texts = [template.format(prompt_name) for template in templates]
         embeddings = model.encode_text(tokenizer(texts).to(device)).float()
         if normalize_prompts:
             embeddings = F.normalize(embeddings, dim=-1)
@@ -156,6 +164,8 @@ class ZeroShotClassifier(nn.Module):
         templates: ``"imagenet7"``, ``"simple"``, one template or a list.
         renormalize: renormalise the class weights after the template mean (off for DFN5B in DHO).
         logit_scale: the fixed scale, or ``None`` for the model's own.
+        replace_underscores: ``_`` in class names as spaces in the prompts (DHO's OpenAI-CLIP
+            teachers: on; its DFN5B teacher: off; see :func:`zero_shot_weights`).
     """
 
     def __init__(
@@ -168,13 +178,16 @@ class ZeroShotClassifier(nn.Module):
         logit_scale: float | None = 100.0,
         input_mean: float | None = None,
         input_std: float | None = None,
+        replace_underscores: bool = True,
     ) -> None:
         super().__init__()
         import open_clip
 
         model = create_clip(model_name, pretrained)
         model.eval()
-        weights = zero_shot_weights(model, open_clip.get_tokenizer(model_name), class_names, templates, renormalize=renormalize)
+        weights = zero_shot_weights(
+            model, open_clip.get_tokenizer(model_name), class_names, templates, renormalize=renormalize, replace_underscores=replace_underscores
+        )
         self.visual = model.visual
         self.register_buffer("class_weights", weights)
         self.logit_scale = float(model.logit_scale.detach().exp()) if logit_scale is None else float(logit_scale)

@@ -16,8 +16,10 @@ class DistilledViT(nn.Module):
     As G2SD's ``models_vit.py`` (not timm's ``VisionTransformerDistilled``): the token is appended
     at the *end* of the sequence *after* the position embeddings are added, so it has no position
     embedding; the class output is ``norm(x)[:, 0]`` through ``encoder.head`` and the
-    distillation output ``norm(x)[:, -1]`` through ``head_dist``. Both heads start from
-    ``trunc_normal(std=2e-5)`` (the official code does this for ``head``).
+    distillation output ``norm(x)[:, -1]`` through ``head_dist``. The class head starts from
+    ``trunc_normal(std=2e-5)`` (``main_finetune_dis.py``, after loading the generic checkpoint),
+    the distillation head from ``trunc_normal(std=0.02)`` (``models_vit.py``:
+    ``head_dist.apply(self._init_weights)``, timm 0.3's ViT init), both with zero bias.
 
     ``forward`` returns the mean of the two heads' logits (G2SD's and DeiT's inference);
     :meth:`forward_heads` returns both, for training.
@@ -41,8 +43,8 @@ class DistilledViT(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         self.head_dist = nn.Linear(encoder.embed_dim, encoder.num_classes)
         trunc_normal_(self.dist_token, std=0.02)
-        for head in (encoder.head, self.head_dist):
-            trunc_normal_(head.weight, std=2e-5)
+        for head, std in ((encoder.head, 2e-5), (self.head_dist, 0.02)):
+            trunc_normal_(head.weight, std=std)
             nn.init.zeros_(head.bias)
         # jsonargparse turns `--...encoder_checkpoint=null` into the string "None" inside a nested
         # class_path; it means "no checkpoint", as an empty value does.
