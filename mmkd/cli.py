@@ -34,6 +34,8 @@ tools:
   export     write a trained student to ONNX (checked against PyTorch with onnxruntime):
              mmkd export -c configs/kd/fmnist_kd.yaml --ckpt_path runs/students/fmnist_kd/last.ckpt
              mmkd export --zoo fmnist-resnet10t-kd
+  plot       draw a run's curves as PNG files (losses, learning rate, student vs teacher, MST/D-FINE/DHO figures):
+             mmkd plot runs/logs/kd_fmnist/version_0 [more runs, overlaid] [--out DIR]
 
 Run `mmkd COMMAND --help` for the options of one command.
 """
@@ -351,13 +353,19 @@ def zoo_main(argv: Sequence[str]) -> None:
         raise SystemExit(2) from None
 
 
+def plot_main(argv: Sequence[str]) -> None:
+    from mmkd.plot import main as plot
+
+    plot(argv)
+
+
 def predict_main(argv: Sequence[str]) -> None:
     from mmkd.predict import main as predict
 
     predict(argv)
 
 
-COMMANDS = {"predict": predict_main, "zoo": zoo_main, "inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main, "export": export_main}
+COMMANDS = {"predict": predict_main, "zoo": zoo_main, "inspect": inspect_main, "cache": cache_main, "consolidate": consolidate_main, "export": export_main, "plot": plot_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -60,9 +60,9 @@ def one_line(err: BaseException) -> str:
 
 
 def sample_name(dataset: Any, index: int) -> str:
-    """A sample's path (data sets over files: their ``source.name(i)``), else its index."""
-    source = getattr(dataset, "source", None)
-    return source.name(index) if source is not None and hasattr(source, "name") else str(index)
+    """A sample's path (data sets over files: their ``source.name(i)`` or ``name(i)``), else its index."""
+    source = getattr(dataset, "source", dataset)
+    return source.name(index) if hasattr(source, "name") else str(index)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -398,47 +398,34 @@ def files_datamodule(
     return dm
 
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-
-
 class AudioFeatures(torch.utils.data.Dataset):
     """Audio files as the input a zoo audio student was trained on (its manifest's
-    ``preprocessing``): mono, resampled to ``sample_rate``, cut or zero-padded to ``duration``
-    seconds, log-mel dB spectrograms [1, n_mels, frames] standardised with ``mean``/``std``.
-    With ``training_noise_snr_db`` the white noise of its training data is mixed in first, at that
-    SNR relative to the recording's RMS, seeded by the sample's position (a model trained only on
-    noisy speech scores far lower on clean recordings; the README gives the numbers)."""
+    ``preprocessing``, see :class:`~mmkd.data.av_files.AudioSpec`). With
+    ``training_noise_snr_db`` the white noise of its training data is mixed in, seeded by the
+    sample's position (a model trained only on noisy speech scores far lower on clean
+    recordings; the README gives the numbers)."""
 
     def __init__(self, source: Any, preprocessing: dict[str, Any], training_noise: bool = True) -> None:
-        self.source, self.preprocessing = source, preprocessing
+        from mmkd.data.av_files import AudioSpec
+
+        self.source = source
         self.noise_snr_db = preprocessing.get("training_noise_snr_db") if training_noise else None
+        fields = ("sample_rate", "duration", "n_mels", "n_fft", "hop_length", "mean", "std")
+        self.spec = AudioSpec(**{key: preprocessing[key] for key in fields}, noise_snr_db=self.noise_snr_db)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        import torchaudio
+        from mmkd.data.av_files import audio_input
 
-        from mmkd.data.audio_visual import log_mel, read_wav
-
-        prep = self.preprocessing
-        samples, rate = read_wav(self.source.path(index))
-        waveform = torch.from_numpy(samples)
-        if rate != prep["sample_rate"]:
-            waveform = torchaudio.functional.resample(waveform, rate, prep["sample_rate"])
-        length = round(prep["duration"] * prep["sample_rate"])
-        waveform = waveform[:length]
-        rms = waveform.square().mean().sqrt()
-        waveform = torch.nn.functional.pad(waveform, (0, length - len(waveform)))
-        if self.noise_snr_db is not None:  # as in training: over the padded clip, at the recording's RMS
-            generator = torch.Generator().manual_seed(index)
-            waveform = waveform + torch.randn(length, generator=generator) * rms / 10 ** (self.noise_snr_db / 20)
-        features = log_mel(waveform[None], prep["sample_rate"], prep["n_mels"], prep["n_fft"], prep["hop_length"])[0]
-        return {"audio": (features - prep["mean"]) / prep["std"], "index": index}
+        return {"audio": audio_input(self.source.path(index), self.spec, torch.Generator().manual_seed(index)), "index": index}
 
 
 def audio_source(locations: Sequence[str]) -> Any:
-    """The audio files at ``locations`` (files, folders searched recursively, .csv/.jsonl lists)."""
+    """The audio files at ``locations`` (files, folders searched recursively, .csv/.jsonl lists);
+    a video file stands for its sound track."""
+    from mmkd.data.av_files import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
     from mmkd.data.sources import FileSource, StringArena, file_list
 
     names: list[str] = []
@@ -447,17 +434,17 @@ def audio_source(locations: Sequence[str]) -> Any:
         if not path.exists():
             raise PredictError(f"{location} does not exist")
         if path.is_dir():
-            found = sorted(str(f) for f in path.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS)
+            found = sorted(str(f) for f in path.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)
             if not found:
-                raise PredictError(f"{location} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+                raise PredictError(f"{location} holds no audio or video files ({', '.join(AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)})")
             names += found
         elif path.suffix.lower() in (".csv", ".jsonl"):
             listed = file_list(path)[0]
             names += [str(listed.path(i)) for i in range(len(listed))]
-        elif path.suffix.lower() in AUDIO_EXTENSIONS:
+        elif path.suffix.lower() in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS:
             names.append(str(path))
         else:
-            raise PredictError(f"{location} is not an audio file ({', '.join(AUDIO_EXTENSIONS)}), a folder or a .csv/.jsonl file list")
+            raise PredictError(f"{location} is not an audio or video file ({', '.join(AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)}), a folder or a .csv/.jsonl file list")
     return FileSource(Path(""), StringArena(names), np.full(len(names), -1))
 
 
@@ -493,7 +480,7 @@ def _standalone_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, default=2, help="decoding worker processes")
     run.add_argument("--accelerator", default="auto", help="Lightning accelerator for a zoo model (ONNX runs on the CPU)")
     run.add_argument("--on-bad-file", choices=["raise", "skip"], default="raise", help="an image that does not decode: stop, or leave it out (warned)")
-    audio = parser.add_argument_group("audio zoo models (wav/flac/ogg files, folders, lists)")
+    audio = parser.add_argument_group("audio zoo models (wav/flac/ogg files, video files for their sound track, folders, lists)")
     audio.add_argument("--no-training-noise", action="store_true",
                        help="do not mix in the white noise the model was trained with (its manifest's training_noise_snr_db)")  # fmt: skip
     return parser

@@ -36,6 +36,22 @@ def weights(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def killed_and_resumed_equals_straight(config: str, *overrides: str) -> None:
+    """``mmkd fit`` of 2 epochs of 6 steps (checkpoints every 2) straight through, and again killed
+    after step 5 (its last checkpoint at step 4, mid-epoch) then resumed: the same final weights."""
+    common = [*overrides, "--trainer.max_epochs=2", "--trainer.limit_train_batches=6", "--trainer.callbacks.init_args.every_n_train_steps=2"]
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=straight")
+    kill = '--trainer.callbacks+={"class_path": "kill_callback.KillAtStep", "init_args": {"step": 5}}'
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", kill, returncode=-9)
+    interrupted = torch.load("killed/last.ckpt", map_location="cpu", weights_only=True)
+    assert interrupted["global_step"] == 4 and interrupted["epoch"] == 0
+    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", "--ckpt_path=last")
+    straight, resumed = weights("straight/last.ckpt"), weights("killed/last.ckpt")
+    assert torch.load("killed/last.ckpt", weights_only=True)["global_step"] == 12
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
 def random_clip_teacher() -> None:
     """Randomly initialised CLIP weights where configs/dho/fmnist.yaml looks for its teacher."""
     from safetensors.torch import save_file

@@ -209,24 +209,13 @@ def test_index_is_numpy_arrays_not_python_objects(tmp_path: Path, data_root: Pat
 def test_a_run_on_an_image_folder_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, data_root: Path) -> None:
     # `mmkd fit` as a user runs it on their own folder: the data module picked on the command
     # line, 2 worker processes, random crops and flips; killed after step 5, resumed from step 4
-    from test_distributed import mmkd_fit, weights
+    from test_distributed import killed_and_resumed_equals_straight
 
     root = image_files.write_layout(tmp_path / "photos", data_root / "fashion-mnist", "folder", [384, 64, 64], size=(40, 36))
     data = ["--data=mmkd.data.ImageFilesDataModule", f"--data.init_args.root={root}", "--data.init_args.num_workers=2",
             "--data.init_args.batch_size=32", "--data.init_args.image_size=28", "--data.init_args.channels=1",
             "--data.init_args.scale=[0.5, 1.0]"]  # fmt: skip
-    common = [*data, "--trainer.max_epochs=2", "--trainer.limit_train_batches=6", "--trainer.callbacks.init_args.every_n_train_steps=2"]
-    config = "teachers/fmnist_resnet10t.yaml"
-    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=straight")
-    kill = '--trainer.callbacks+={"class_path": "kill_callback.KillAtStep", "init_args": {"step": 5}}'
-    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", kill, returncode=-9)
-    interrupted = torch.load("killed/last.ckpt", map_location="cpu", weights_only=True)
-    assert interrupted["global_step"] == 4 and interrupted["epoch"] == 0
-    mmkd_fit(config, *common, "--trainer.callbacks.init_args.dirpath=killed", "--ckpt_path=last")
-    straight, resumed = weights("straight/last.ckpt"), weights("killed/last.ckpt")
-    assert torch.load("killed/last.ckpt", weights_only=True)["global_step"] == 12
-    for key in straight:
-        assert torch.equal(resumed[key], straight[key]), key
+    killed_and_resumed_equals_straight("teachers/fmnist_resnet10t.yaml", *data)
 
 
 def test_dho_runs_unchanged_on_an_image_folder(tmp_path: Path, data_root: Path) -> None:

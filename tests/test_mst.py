@@ -162,6 +162,7 @@ STAGES = ["--model.init_args.stage_epochs=[1,1,1]", "--trainer.max_epochs=3"]
 BASELINES = ["image_alone", "audio_alone", "fusion_teacher"]
 KD_BASELINES = ["kd_image_from_fusion", "kd_image_from_audio", "kd_audio_from_fusion", "kd_audio_from_image"]
 MST_RECIPES = {f"mst/{name}.yaml" for name in ["avmnist", "avmnist_audio", *BASELINES, *KD_BASELINES]}  # trained here
+MST_RECIPES |= {"mst/av_pairs.yaml", "mst/ravdess.yaml"}  # on files: trained by tests/test_av_files.py
 
 
 def fit(config: str, *overrides: str):

@@ -196,7 +196,7 @@ def test_errors_end_in_one_line(files: dict, capsys: pytest.CaptureFixture) -> N
     Path("broken.onnx").write_bytes(b"not a model" * 10)
     assert "cannot load broken.onnx as an ONNX model" in one_error(capsys, ["predict", "--onnx", "broken.onnx", png])
     assert "ONNX model nothing.onnx does not exist" in one_error(capsys, ["predict", "--onnx", "nothing.onnx", png])
-    assert "is not an audio file" in one_error(capsys, ["predict", "--zoo", "avmnist-audiocnn-mst", png])  # an audio student: audio inputs
+    assert "is not an audio or video file" in one_error(capsys, ["predict", "--zoo", "avmnist-audiocnn-mst", png])  # an audio student: audio inputs
     assert "fmnist-det-dfine returns dict, not class scores" in one_error(capsys, ["predict", "--zoo", "fmnist-det-dfine", png])
     Path("three.txt").write_text("a\nb\nc\n")
     assert "three.txt names 3 classes; fmnist-resnet10t-kd predicts 10" in one_error(capsys, ["predict", "--zoo", ZOO, "--classes", "three.txt", png])

@@ -81,12 +81,33 @@ def test_predict_on_held_out_recordings(held_out: dict, capsys: pytest.CaptureFi
     assert {row["class_1"] for row in noisy} == set("0123456789")  # named classes, not indices of something else
 
 
+def test_video_files_are_predicted_from_their_sound_track(tmp_path: Path, held_out: dict, data_root: Path) -> None:
+    # clips muxed from 20 held-out recordings (lossless FLAC in Matroska, a digit image as the
+    # picture): the same rows, class by class and probability by probability, as their WAVs
+    from mmkd.data.av_files import write_clip
+    from mmkd.data.idx import read_idx
+
+    picture = read_idx(data_root / "mnist-10k" / "images-idx3-ubyte.gz")[0]
+    (tmp_path / "wav").mkdir()
+    (tmp_path / "clips").mkdir()
+    for name in held_out["names"][:20]:
+        source = held_out["folder"] / f"{name}.wav"
+        (tmp_path / "wav" / source.name).write_bytes(source.read_bytes())
+        write_clip(tmp_path / "clips" / f"{name}.mkv", [picture] * 2, 2, sf.read(source, dtype="float32")[0], 8000, "ffv1", "flac")
+    for folder in ("wav", "clips"):
+        main(["predict", "--zoo", ZOO, str(tmp_path / folder), "--output", f"{folder}.csv", "--num-workers", "0"])
+    wav, clips = (list(csv.DictReader(open(f"{folder}.csv"))) for folder in ("wav", "clips"))
+    assert [Path(row["path"]).stem for row in clips] == [Path(row["path"]).stem for row in wav] == held_out["names"][:20]
+    for a, b in zip(wav, clips):
+        assert a["class_1"] == b["class_1"] and float(a["prob_1"]) == pytest.approx(float(b["prob_1"]), abs=1e-5)
+
+
 def test_audio_errors_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "bad.wav").write_bytes(b"RIFF not audio")
     (tmp_path / "notes.txt").write_text("no audio")
     for argv, message in (
         ([str(tmp_path / "bad.wav")], "cannot decode audio file"),
-        ([str(tmp_path / "notes.txt")], "is not an audio file"),
+        ([str(tmp_path / "notes.txt")], "is not an audio or video file"),
         ([str(tmp_path / "missing.wav")], "missing.wav does not exist"),
     ):
         with pytest.raises(SystemExit):

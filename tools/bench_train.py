@@ -23,6 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,8 @@ def fit_variant(overrides: list[str], batches: int, warmup: int, workdir: str) -
         f"--trainer.callbacks.init_args.dirpath={workdir}/ckpt", f"--trainer.default_root_dir={workdir}", *overrides,
     ], run=False)  # fmt: skip
     timer = StepTimer(warmup)
-    cli.trainer.callbacks.append(timer)
+    # no logger here, so no learning-rate monitor either (it refuses to run without one)
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, LearningRateMonitor)] + [timer]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.steps * cli.datamodule.batch_size / timer.elapsed
 

@@ -99,6 +99,20 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def report_bad_files(datamodule: Any, batch: Any, what: str) -> Any:
+    """Take the names of the samples a skipping loader left out of ``batch``: warned about,
+    added to ``datamodule.bad_files`` and logged as their running count, ``data/bad_files``."""
+    if isinstance(batch, dict) and BAD_FILES in batch:
+        bad = batch.pop(BAD_FILES)
+        datamodule.bad_files += bad
+        for name in bad:
+            rank_zero_warn(f"skipped {what} that cannot be decoded: {name}")
+        trainer = datamodule.trainer
+        if trainer is not None and trainer.logger is not None:
+            trainer.logger.log_metrics({"data/bad_files": len(datamodule.bad_files)}, step=trainer.global_step)
+    return batch
+
+
 class ImageFilesDataModule(SplitsDataModule):
     """Image classification from files on disk, read lazily by DataLoader workers.
 
@@ -392,15 +406,7 @@ class ImageFilesDataModule(SplitsDataModule):
 
     # -- bad files: counted, warned about, logged ----------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and BAD_FILES in batch:
-            bad = batch.pop(BAD_FILES)
-            self.bad_files += bad
-            for name in bad:
-                rank_zero_warn(f"skipped an image that cannot be decoded: {name}")
-            trainer = self.trainer
-            if trainer is not None and trainer.logger is not None:
-                trainer.logger.log_metrics({"data/bad_files": len(self.bad_files)}, step=trainer.global_step)
-        return batch
+        return report_bad_files(self, batch, "an image")
 
     # -- teacher cache -------------------------------------------------------------------------
     def teacher_cache_loader(self, batch_size: int) -> tuple[DataLoader, dict]:

@@ -18,6 +18,7 @@ code does under AMP.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -31,6 +32,21 @@ from mmkd.data.detection import detection_predictions, detection_targets
 from mmkd.losses.detection import DFINECriterion
 
 MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+
+
+@torch.no_grad()
+def corner_entropy(outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """How sharp FDR's edge distributions are: per decoder layer (0 first, the last is the GO-LSD
+    teacher) the mean entropy over all queries and edges, divided by ``log(bins)`` (1: uniform, 0: one bin),
+    as ``train/corner_entropy_<layer>``."""
+    layers = [out.get("pred_corners") for out in outputs.get("aux_outputs") or []] + [outputs["pred_corners"]]
+    entropies = {}
+    for i, corners in enumerate(layers):
+        if corners is not None:
+            bins = corners.shape[-1] // 4
+            probs = corners.detach().float().reshape(-1, bins).softmax(-1)
+            entropies[f"train/corner_entropy_{i}"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(bins)
+    return entropies
 
 
 class DFine(TrainingModule):
@@ -106,6 +122,8 @@ class DFine(TrainingModule):
         for name, value in terms.items():
             kind = name.removeprefix("loss_").split("_")[0]
             by_kind[kind] = by_kind[kind] + value
+        if self._trainer is not None and outputs.get("pred_corners") is not None:  # for `mmkd plot`
+            self.log_dict(corner_entropy(outputs), on_step=False, on_epoch=True, batch_size=len(batch["image"]))
         return dict(by_kind)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -10,6 +10,9 @@ in probability space: ``p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / bet
 
 from __future__ import annotations
 
+import csv
+import os
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
@@ -45,12 +48,26 @@ def check_mix(alpha: float, beta: float) -> None:
 
 
 @torch.no_grad()
+def mix_grid(
+    ce_logits: torch.Tensor, kd_logits: torch.Tensor, labels: torch.Tensor, alphas: Sequence[float], betas: Sequence[float]
+) -> list[tuple[float, float, int]]:
+    """``(beta, alpha, correct)`` for every pair of the grids, ``beta`` outer and ``alpha`` inner
+    (the official search order), ``correct`` the count of samples the mix classifies right."""
+    ce_probs = ce_logits.float().softmax(-1)
+    grid = []
+    for beta in betas:
+        kd_probs = (kd_logits.float() / beta).softmax(-1)
+        grid += [(beta, alpha, int(((alpha * ce_probs + (1 - alpha) * kd_probs).argmax(-1) == labels).sum())) for alpha in alphas]
+    return grid
+
+
 def search_mix(
     ce_logits: torch.Tensor,
     kd_logits: torch.Tensor,
     labels: torch.Tensor,
     alphas: Sequence[float] = ALPHA_GRID,
     betas: Sequence[float] = BETA_GRID,
+    grid: list[tuple[float, float, int]] | None = None,
 ) -> tuple[float, float, float]:
     """The ``(alpha, beta)`` of the grids with the highest accuracy, and that accuracy, searched
     as the official ``evaluate(..., search_param=True)`` of ``train_others.py`` (erjui/DHO at
@@ -58,19 +75,25 @@ def search_mix(
     outer loop, ``alpha`` in the inner one, and a pair replaces the best only when its accuracy is
     strictly higher. Ties therefore go to the first ``beta`` of its grid, then the first ``alpha``. The
     search starts from accuracy 0 with the official fallback pair ``(alpha 0, beta 1)`` (the KD
-    head alone, unscaled), which is kept when no pair classifies a single sample correctly."""
-    ce_probs = ce_logits.float().softmax(-1)
+    head alone, unscaled), which is kept when no pair classifies a single sample correctly.
+    ``grid``: :func:`mix_grid` of the same arguments, when already computed."""
     # correct counts, not float accuracies: the comparison is exact, as the official one on
     # 100 * correct / total (one total for every pair)
     best_correct, best_alpha, best_beta = 0, 0.0, 1.0
-    for beta in betas:
-        kd_probs = (kd_logits.float() / beta).softmax(-1)
-        for alpha in alphas:
-            correct = int(((alpha * ce_probs + (1 - alpha) * kd_probs).argmax(-1) == labels).sum())
-            if correct > best_correct:
-                best_correct, best_alpha, best_beta = correct, alpha, beta
-    best_accuracy = best_correct / max(1, len(labels))
-    return best_alpha, best_beta, best_accuracy
+    for beta, alpha, correct in grid if grid is not None else mix_grid(ce_logits, kd_logits, labels, alphas, betas):
+        if correct > best_correct:
+            best_correct, best_alpha, best_beta = correct, alpha, beta
+    return best_alpha, best_beta, best_correct / max(1, len(labels))
+
+
+def write_mix_surface(path: Path, epoch: int, grid: list[tuple[float, float, int]], count: int) -> None:
+    """Appends the validation accuracy of every pair of a :func:`mix_grid` to the CSV file
+    ``path`` (``epoch,beta,alpha,acc``); ``mmkd plot`` draws the last epoch's surface."""
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        if new:
+            csv.writer(f).writerow(("epoch", "beta", "alpha", "acc"))
+        csv.writer(f).writerows((epoch, beta, alpha, correct / max(1, count)) for beta, alpha, correct in grid)
 
 
 class DualHeadStudent(nn.Module):
@@ -319,9 +342,15 @@ class DHO(Distiller):
         self._val_logits.clear()
         if self.trainer.world_size > 1:  # every process searches on the whole split, so all agree
             ce_logits, kd_logits, labels = (self.all_gather(t).flatten(0, 1) for t in (ce_logits, kd_logits, labels))
-        if self.mix == "search" and not self.trainer.sanity_checking:
-            alpha, beta, _ = search_mix(ce_logits, kd_logits, labels, self.alpha_grid, self.beta_grid)
-            self.student.set_mix(alpha, beta)
+        if not self.trainer.sanity_checking:
+            grid = mix_grid(ce_logits, kd_logits, labels, self.alpha_grid, self.beta_grid)
+            if self.mix == "search":
+                alpha, beta, _ = search_mix(ce_logits, kd_logits, labels, grid=grid)
+                self.student.set_mix(alpha, beta)
+            folder = getattr(self.logger, "log_dir", None) if self.trainer.is_global_zero else None
+            if folder:  # the accuracy over the whole grid, beside the logger's metrics.csv, for `mmkd plot`
+                os.makedirs(folder, exist_ok=True)
+                write_mix_surface(Path(folder) / "dho_mix_surface.csv", self.current_epoch, grid, len(labels))
         log_probs = mix_log_probs(ce_logits, kd_logits, self.student.alpha, self.student.beta)
         self.log("val/acc", (log_probs.argmax(-1) == labels).float().mean(), prog_bar=True)
         self.log("val/loss", F.nll_loss(log_probs, labels))
