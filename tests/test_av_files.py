@@ -346,3 +346,25 @@ def test_the_ravdess_recipe_runs_on_a_tree_of_its_layout(tmp_path: Path, data_ro
     assert sample["video"].shape == (3, 15, 224, 224) and sample["audio"].shape == (1, 15, 156) and sample["label"] == 0
     cli.trainer.fit(cli.model, dm)
     assert cli.model.completed_stage == 3 and cli.trainer.global_step == 3
+
+
+def test_crema_d_layout_pairs_each_flash_video_with_its_wav(tmp_path: Path, data_root: Path) -> None:
+    # CREMA-D as distributed: VideoFlash/AAAA_SSS_EEE_LL.flv (no usable sound) and AudioWAV/AAAA_SSS_EEE_LL.wav
+    per_digit = sources(data_root)
+    (tmp_path / "VideoFlash").mkdir()
+    (tmp_path / "AudioWAV").mkdir()
+    for actor in (1001, 1002, 1091):
+        for number, emotion in enumerate(("ANG", "HAP")):
+            frames, recording = per_digit[number][0]
+            stem = f"{actor}_DFA_{emotion}_XX"
+            write_clip(tmp_path / "VideoFlash" / f"{stem}.flv", [np.repeat(f[..., None], 3, axis=2) for f in frames], FPS, None, 8000)
+            sf.write(tmp_path / "AudioWAV" / f"{stem}.wav", recording, 8000)
+    dm = datamodule(tmp_path, files="VideoFlash/*.flv", audio_files="AudioWAV/{stem}.wav", label_pattern=r"/\d{4}_[A-Z]{3}_([A-Z]{3})_",
+                    class_map={"ANG": "anger", "HAP": "happy"}, split_patterns={"train": r"/100\d_", "test": r"/109\d_"}, frames=2, channels=3)  # fmt: skip
+    assert dm.class_names == ["anger", "happy"] and len(dm.splits["train"]) == 4 and len(dm.splits["test"]) == 2
+    sample = sample_of(dm, "test", "VideoFlash/1091_DFA_HAP_XX.flv")
+    assert sample["image"].shape == (3, 2, 28, 28) and sample["label"] == 1
+    torch.testing.assert_close(sample["audio"], (expected_log_mel(per_digit[1][0][1]) + 10.0) / 20.0, atol=1e-4, rtol=0)
+    (tmp_path / "AudioWAV" / "1002_DFA_ANG_XX.wav").unlink()
+    with pytest.raises(DataSourceError, match=r"1002_DFA_ANG_XX.flv: its audio file .*1002_DFA_ANG_XX.wav \(audio_files='AudioWAV/\{stem\}.wav'\) does not exist"):
+        datamodule(tmp_path, files="VideoFlash/*.flv", audio_files="AudioWAV/{stem}.wav", label_pattern=r"_([A-Z]{3})_", split_patterns={"train": "."})
