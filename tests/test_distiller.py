@@ -19,6 +19,7 @@ from test_g2sd import G2SD_STAGES  # noqa: E402  (G2SD's chained recipe is run t
 from test_dfine import DFINE_RECIPES  # noqa: E402  (trained on composed scenes there)
 from test_mst import MST_RECIPES  # noqa: E402  (the AV-MNIST recipes are trained there)
 from test_recipes import RECIPES as FULL_SIZE_RECIPES  # noqa: E402  (ImageNet/COCO recipes, run on stand-in trees there)
+from test_heads_layouts import HEAD_LAYOUT_RECIPES  # noqa: E402  (ViT <-> CNN feature recipes, trained there)
 
 
 def logged_columns(log_root: Path) -> set[str]:
@@ -59,14 +60,14 @@ CONFIG_TERMS = {
 
 
 DHO_RECIPES = {"dho/clip_fmnist.yaml", "dho/fmnist.yaml"}  # trained in test_dho.py
-PRETRAINED_RECIPES = {"kd/pretrained_teacher_folder.yaml"}  # run in test_pretrained.py
 PRETRAINED_RECIPES = {"kd/pretrained_teacher_folder.yaml"}  # a real ImageNet teacher, run in test_pretrained.py
 
 
 def test_every_shipped_config_is_covered() -> None:
     # configs/sweeps/ are W&B sweep files, each covered by test_sweeps.py
     shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml") if p.parent.name not in ("models", "sweeps")}
-    assert shipped == set(CONFIG_TERMS) | set(G2SD_STAGES) | DHO_RECIPES | MST_RECIPES | DFINE_RECIPES | PRETRAINED_RECIPES | set(FULL_SIZE_RECIPES)
+    covered = set(CONFIG_TERMS) | set(G2SD_STAGES) | DHO_RECIPES | MST_RECIPES | DFINE_RECIPES | PRETRAINED_RECIPES
+    assert shipped == covered | set(FULL_SIZE_RECIPES) | set(HEAD_LAYOUT_RECIPES)
 
 
 @pytest.mark.parametrize("config", sorted(CONFIG_TERMS))
