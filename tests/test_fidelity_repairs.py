@@ -7,6 +7,8 @@ Peterande/D-FINE at 4a1f73a (``../shared/reference/dho_g2sd.md`` and ``dfine_mst
 
 from __future__ import annotations
 
+import copy
+import csv
 import inspect
 import math
 from pathlib import Path
@@ -16,18 +18,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mmkd.core.classifier import TrainingModule
 from mmkd.data.common import ImageTensorDataset
-from mmkd.distillers.dho import dual_head_clip_student, search_mix
+from mmkd.cli import lightning_cli
+from mmkd.core import Teacher
+from mmkd.distillers.dho import DHO, DualHeadStudent, dual_head_clip_student, search_mix
 from mmkd.distillers.g2sd import G2SDGeneric, G2SDSpecific
 from mmkd.distillers.mst import MaskNet, MSTDistill
 from mmkd.losses.detection import DFINECriterion, DetectionOutputError, distance2bbox, integral, weighting_function
 from mmkd.models.av import AudioCNN, AVFusionNet, LeNet5
+from mmkd.models import create_clip, timm_model
 from mmkd.models.clip import ZeroShotClassifier, zero_shot_weights
 from mmkd.models.vit import DistilledViT
+
+from conftest import SHORT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +72,62 @@ def test_item1_dho_search_keeps_the_official_fallback_when_nothing_is_right() ->
     labels = torch.tensor([1, 1])
     ce = kd = torch.tensor([[5.0, 0.0], [5.0, 0.0]])  # both heads always say class 0
     assert search_mix(ce, kd, labels, [0.0, 0.5, 1.0], [0.5, 2.0]) == (0.0, 1.0, 0.0)
+
+
+# -- item 2: DHO's best epoch --------------------------------------------------------------------
+# train_others.py:184-190: after each epoch's search on val, ``if val_acc > best_val_acc:`` keep
+# (epoch, alpha, beta) and save the student with that alpha/beta; the test split is scored with it.
+def test_item2_best_ckpt_is_the_first_epoch_of_the_best_val_acc_with_its_mix(tmp_path: Path, data_root: Path) -> None:
+    torch.manual_seed(0)
+    Path("runs/dho").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in create_clip("mmkd-clip-tiny").state_dict().items()}, "runs/dho/clip_fmnist.safetensors")
+    lightning_cli(["fit", "-c", str(REPO / "configs/dho/fmnist.yaml"), *SHORT, "--trainer.max_epochs=4", "--trainer.limit_train_batches=4",
+                   "--model.init_args.mix=search", "--model.init_args.alpha_grid=[0.0, 0.5, 1.0]", "--model.init_args.beta_grid=[0.5, 2.0]"])  # fmt: skip
+    [metrics] = Path("runs/logs").rglob("metrics.csv")
+    epochs = [row for row in csv.DictReader(open(metrics)) if row["val/acc"]]
+    assert len(epochs) == 4
+    best_val_acc, best = 0.0, None
+    for row in epochs:  # the official rule, on what each epoch logged
+        if float(row["val/acc"]) > best_val_acc:
+            best_val_acc, best = float(row["val/acc"]), row
+    checkpoint = torch.load("runs/dho/fmnist/best.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == int(best["epoch"])
+    assert (checkpoint["mmkd"]["dho"]["alpha"], checkpoint["mmkd"]["dho"]["beta"]) == pytest.approx((float(best["val/alpha"]), float(best["val/beta"])))
+
+
+# -- item 3: DHO's forwards ------------------------------------------------------------------------
+def test_item3_separate_forwards_are_the_k_shot_scripts_two_batches() -> None:
+    """train_others.py:144-166: ``student(labeled)`` and ``student(unlabeled)`` in two calls, CE on the
+    labelled CE head, KD (T = 2, T^2, batchmean) on each batch's KD head; the ImageNet scripts
+    (train_imgnet_semi.py:228-229) concatenate the two batches into one forward, which is mmkd's
+    default. With a BatchNorm student in train mode the two differ."""
+    torch.manual_seed(0)
+    backbone = timm_model("resnet10t", num_classes=0, in_chans=1, model_args={"channels": [4, 8, 16, 32], "stem_width": 4})
+    teacher = Teacher(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)))
+    labeled, unlabeled = torch.randn(3, 1, 28, 28), torch.randn(5, 1, 28, 28) + 1.0  # different batch statistics
+    labels = torch.tensor([1, 2, 3])
+    batch = {"labeled": {"image": labeled, "label": labels}, "unlabeled": {"image": unlabeled, "label": torch.full((5,), -1)}}
+
+    def training_losses(**kwargs) -> tuple[dict, DualHeadStudent]:
+        model = DHO(DualHeadStudent(copy.deepcopy(backbone), 10), teacher, loss_lambda=0.5, **kwargs)
+        logged: dict = {}
+        model.total_loss = lambda terms, stage, size: logged.update(terms) or sum(terms.values())
+        model.train()
+        model.training_step(batch, 0)
+        return logged, model.student
+
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(student_logits / 2, dim=1), F.softmax(teacher_logits / 2, dim=1), reduction="batchmean") * 4
+
+    logged, student = training_losses(separate_forwards=True)
+    ce_labeled, kd_labeled = student.forward_heads(labeled)  # train mode: each batch's own statistics
+    _, kd_unlabeled = student.forward_heads(unlabeled)
+    official = {"ce": 0.5 * F.cross_entropy(ce_labeled, labels), "kd_labeled": 0.5 * kd(kd_labeled, teacher(labeled)),
+                "kd_unlabeled": 0.5 * kd(kd_unlabeled, teacher(unlabeled))}  # fmt: skip
+    for term, value in official.items():
+        torch.testing.assert_close(logged[term], value)
+    concatenated, _ = training_losses()
+    assert abs(float(concatenated["kd_unlabeled"] - official["kd_unlabeled"])) > 1e-3
 
 
 # -- item 4: DHO's class names in the prompts --------------------------------------------------
@@ -415,3 +479,26 @@ def test_item11_outputs_the_criterion_cannot_take_are_named_errors(change, messa
     change(outputs)
     with pytest.raises(DetectionOutputError, match=message):
         DFINECriterion(NUM_CLASSES)(outputs, TARGETS)
+
+
+# -- item 12: the precision of D-FINE's weighting function --------------------------------------------
+def official_training_weighting(reg_max: int, up: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
+    """D-FINE src/zoo/dfine/dfine_utils.py, weighting_function(deploy=False), lines 41-45 (and the
+    concatenation after them): tensor arithmetic on the decoder's frozen float32 parameters
+    ``up = nn.Parameter(torch.tensor([0.5]))`` and ``reg_scale = nn.Parameter(torch.tensor([4.0]))``
+    (dfine_decoder.py lines 520-521)."""
+    upper_bound1 = abs(up[0]) * abs(reg_scale)
+    upper_bound2 = abs(up[0]) * abs(reg_scale) * 2
+    step = (upper_bound1 + 1) ** (2 / (reg_max - 2))
+    left_values = [-((step) ** i) + 1 for i in range(reg_max // 2 - 1, 0, -1)]
+    right_values = [(step) ** i - 1 for i in range(1, reg_max // 2)]
+    return torch.cat([-upper_bound2, *left_values, torch.zeros_like(up[0][None]), *right_values, upper_bound2], 0)
+
+
+@pytest.mark.parametrize("reg_max, reg_scale", [(32, 4.0), (32, 8.0), (16, 4.0)])
+def test_item12_the_weighting_table_is_the_official_float32_one_bit_for_bit(reg_max: int, reg_scale: float) -> None:
+    up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
+    official = official_training_weighting(reg_max, up, nn.Parameter(torch.tensor([reg_scale]), requires_grad=False))
+    ours = weighting_function(reg_max, up, reg_scale)
+    assert ours.dtype == official.dtype == torch.float32
+    assert torch.equal(ours, official)

@@ -37,7 +37,11 @@ def held_out(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict:
 def test_manifest_publishes_the_training_preprocessing(held_out: dict) -> None:
     published = zoo.info(ZOO)["preprocessing"]
     dm = held_out["datamodule"]
-    assert published == dm.preprocessing["audio"]
+    computed = dm.preprocessing["audio"]
+    # the mean is a float32 sum whose last bits follow the order of summation (1.46505177 vs 1.46505141)
+    assert published.keys() == computed.keys()
+    for key, value in computed.items():
+        assert published[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
     # the standardisation is the training split's log-mel mean and std, computed here from the definition
     train = dm.splits["train"].inputs["audio"] * published["std"] + published["mean"]
     assert abs(float(train.mean()) - published["mean"]) < 1e-3 and abs(float(train.std()) - published["std"]) < 1e-3

@@ -205,7 +205,10 @@ class DHO(Distiller):
     Inference mixes the heads (:func:`mix_log_probs`). ``mix="fixed"`` keeps ``alpha``/``beta``
     (0.5, 0.5 as the ImageNet script); ``mix="search"`` picks them on the validation split after
     every validation epoch (the k-shot scripts' grid), never on test. They live in the student's
-    buffers, so the checkpoint carries them to ``validate``/``test``/``predict``. Validation logs
+    buffers, so the checkpoint carries them to ``validate``/``test``/``predict``. The k-shot
+    script keeps the epoch of the best validation accuracy with its ``alpha``/``beta`` (the first
+    one on ties: ``train_others.py:184-190``) and tests that; the shipped config's ``best.ckpt``
+    (a ``ModelCheckpoint`` on ``val/acc``, ``mode: max``) is that checkpoint. Validation logs
     ``val/acc`` (the mix), ``val/acc_ce``, ``val/acc_kd``, ``val/alpha``, ``val/beta``; test logs
     ``test/acc``, ``test/acc_ce``, ``test/acc_kd`` and, after a search, ``test/acc_fixed_mix``
     (the configured ``alpha``/``beta``).
@@ -213,6 +216,17 @@ class DHO(Distiller):
     Baselines from the same recipe: ``single_head=True`` puts the KD terms on the CE head
     (single-head KD); ``kd_weight=0`` trains the CE head on the labels alone. In both only the
     CE head learns, and inference uses it alone (alpha = 1).
+
+    Which official script the training loop follows: the ImageNet ones. Each step is one
+    unlabelled batch and one labelled batch (the labelled loader cycled), concatenated into one
+    forward (``train_imgnet_semi.py:228-229``, ``train_imgnet.py:157-158``), and an epoch is a
+    pass over the unlabelled set (``train_imgnet_semi.py:170, 278``). The CoOp k-shot script
+    ``train_others.py`` differs in two ways: it runs two forwards, labelled then unlabelled (lines
+    144-145), so a BatchNorm student normalises each with its own statistics
+    (``separate_forwards=True`` does the same); and it zips the two loaders (line 117), so its
+    epoch ends with the shorter one, the labelled set at k shots, and its schedule counts labelled
+    batches (lines 99-102). mmkd's epoch stays a pass over the unlabelled set: for the k-shot
+    length, set ``trainer.limit_train_batches`` to the number of labelled batches.
 
     Differences from the official code:
 
@@ -243,6 +257,8 @@ class DHO(Distiller):
         mix: ``"fixed"`` or ``"search"``.
         alpha, beta: the fixed mix, and the start of a search.
         alpha_grid, beta_grid: the search grids (DHO's by default).
+        separate_forwards: run the labelled and the unlabelled batch through the student one
+            after the other, as the CoOp k-shot script does, instead of as one batch.
         **kwargs: ``ce_weight`` and the keys of :class:`~mmkd.core.distiller.Distiller`.
     """
 
@@ -261,6 +277,7 @@ class DHO(Distiller):
         beta: float = 0.5,
         alpha_grid: Sequence[float] = ALPHA_GRID,
         beta_grid: Sequence[float] = BETA_GRID,
+        separate_forwards: bool = False,
         **kwargs: Any,
     ) -> None:
         if not isinstance(student, DualHeadStudent):
@@ -269,7 +286,7 @@ class DHO(Distiller):
             raise ValueError("DHO augments every batch at random, so a teacher-output cache would be stale; remove teacher_cache")
         super().__init__(student, teacher, **kwargs)
         self.temperature, self.kd_weight, self.loss_lambda = temperature, kd_weight, loss_lambda
-        self.single_head = single_head
+        self.single_head, self.separate_forwards = single_head, separate_forwards
         if single_head or kd_weight == 0:  # only the CE head learns, and it alone decides
             student.kd_head.requires_grad_(False)  # unused: DDP needs no find_unused_parameters
             alpha, mix = 1.0, "fixed"
@@ -300,7 +317,12 @@ class DHO(Distiller):
             return self.total_loss({"ce": self.ce_weight * self.ce_loss(ce_logits, labels)}, "train", len(labels))
         both = {key: torch.cat([labeled[key], unlabeled[key]]) for key in (self.input_key, TEACHER_VIEW) if key in labeled}
         images = both[self.input_key]
-        ce_logits, kd_logits = self.student.forward_heads(images)
+        if self.separate_forwards:  # train_others.py:144-145: BatchNorm normalises each batch by its own statistics
+            labeled_heads = self.student.forward_heads(labeled[self.input_key])
+            unlabeled_heads = self.student.forward_heads(unlabeled[self.input_key])
+            ce_logits, kd_logits = (torch.cat(pair) for pair in zip(labeled_heads, unlabeled_heads))
+        else:
+            ce_logits, kd_logits = self.student.forward_heads(images)
         if self.single_head:
             kd_logits = ce_logits
         teacher_logits = self.map_teacher_logits(self.teacher_forward(both))
