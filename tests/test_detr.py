@@ -12,7 +12,8 @@ import torch
 from mmkd.losses.detection import inverse_sigmoid
 from mmkd.models.detr import LQE, DFineDetector, Gate
 
-SMALL = dict(backbone="resnet10t", hidden_dim=32, num_queries=20, num_decoder_layers=3, num_heads=2, ffn_dim=64)
+# the structure without contrastive denoising; the denoising queries are tested in test_fidelity_repairs.py (item 10)
+SMALL = dict(backbone="resnet10t", hidden_dim=32, num_queries=20, num_decoder_layers=3, num_heads=2, ffn_dim=64, num_denoising=0)
 LAYERS = SMALL["num_decoder_layers"]
 
 
@@ -225,4 +226,5 @@ def test_parameter_count_of_the_default_config():
     fdr = 3 * mlp3(bins) + 3 * (20 * 64 + 64 + 64 + 1) + 2  # bbox heads, LQEs, up and reg_scale
     assert sum(p.numel() for p in model.decoder.fdr.parameters()) == fdr == 154_385
     assert sum(p.numel() for p in model.backbone.parameters()) == 11_176_512  # resnet18 without fc
-    assert sum(p.numel() for p in model.parameters()) == 14_304_793
+    assert sum(p.numel() for p in model.decoder.denoising_class_embed.parameters()) == 81 * h  # 80 classes + padding
+    assert sum(p.numel() for p in model.parameters()) == 14_304_793 + 81 * h

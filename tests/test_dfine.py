@@ -52,7 +52,8 @@ def test_the_cpu_scale_recipe_of_the_readme_table_trains(scenes: Path) -> None:
     cli = lightning_cli(["fit", "-c", str(CONFIGS / "dfine/fmnist_det_small.yaml"), *SHORT, f"--data.init_args.root={scenes}",
                          "--data.init_args.batch_size=4"])  # fmt: skip
     assert {"train/loss_fgl", "train/loss_ddf", "val/map"} <= set(cli.trainer.callback_metrics)
-    assert sum(p.numel() for p in cli.model.model.parameters()) == 3_118_737  # the zoo's fmnist-det-dfine
+    # the zoo's fmnist-det-dfine (trained without denoising) and the denoising queries' class embedding (10 classes + padding)
+    assert sum(p.numel() for p in cli.model.model.parameters()) == 3_118_737 + 11 * 64
 
 
 def test_go_lsd_needs_the_distribution_head() -> None:
@@ -64,7 +65,7 @@ def test_go_lsd_needs_the_distribution_head() -> None:
 def test_fdr_and_go_lsd_overfit_a_few_real_scenes_towards_map_1(scenes: Path) -> None:
     torch.manual_seed(0)
     batch = CocoDetection(scenes / "train", image_size=64).__getitems__(list(range(8)))
-    model = DFineDetector(10, hidden_dim=64, num_queries=30, num_decoder_layers=3, ffn_dim=128)
+    model = DFineDetector(10, hidden_dim=64, num_queries=30, num_decoder_layers=3, ffn_dim=128, num_denoising=30)  # CDN, fewer groups
     module = DFine(model, 10, go_lsd=True)
     optimizer = torch.optim.AdamW(module.parameters(), 1e-3, weight_decay=1e-4)
 

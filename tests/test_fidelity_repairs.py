@@ -29,7 +29,11 @@ from mmkd.core import Teacher
 from mmkd.distillers.dho import DHO, DualHeadStudent, dual_head_clip_student, search_mix
 from mmkd.distillers.g2sd import G2SDGeneric, G2SDSpecific
 from mmkd.distillers.mst import MaskNet, MSTDistill
-from mmkd.losses.detection import DFINECriterion, DetectionOutputError, distance2bbox, integral, weighting_function
+from mmkd.losses.detection import (
+    DFINECriterion, DetectionOutputError, box_losses, ddf_loss, distance2bbox, fgl_loss, integral, inverse_sigmoid,
+    union_matching, varifocal_loss, weighting_function,
+)  # fmt: skip
+from mmkd.models.detr import DFineDetector, contrastive_denoising_queries
 from mmkd.models.av import AudioCNN, AVFusionNet, LeNet5
 from mmkd.models import create_clip, timm_model
 from mmkd.models.clip import ZeroShotClassifier, zero_shot_weights
@@ -466,7 +470,7 @@ def test_item11_the_official_output_layout_gives_every_term() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda o: o.update(dn_outputs=[], dn_meta={}), "contrastive-denoising entries .*dn_meta.*dn_outputs"),
+        (lambda o: o.update(dn_outputs=[], dn_meta={}), r"dn_meta lacks \['dn_num_group', 'dn_positive_idx'\]"),
         (lambda o: o.update(enc_output=o.pop("enc_aux_outputs")), r"unknown detector outputs \['enc_output'\]"),
         (lambda o: o.update(enc_outputs=o["enc_aux_outputs"]), "both enc_outputs .* and enc_aux_outputs"),
         (lambda o: o["aux_outputs"][0].update(pred_corner=o["aux_outputs"][0].pop("pred_corners")), r"unknown keys \['pred_corner'\]"),
@@ -502,3 +506,145 @@ def test_item12_the_weighting_table_is_the_official_float32_one_bit_for_bit(reg_
     ours = weighting_function(reg_max, up, reg_scale)
     assert ours.dtype == official.dtype == torch.float32
     assert torch.equal(ours, official)
+
+
+# -- item 10: D-FINE's contrastive denoising (CDN) ---------------------------------------------------
+# D-FINE src/zoo/dfine/denoising.py (get_contrastive_denoising_training_group, from RT-DETR), with the
+# defaults of DFINETransformer (num_denoising 100, label_noise_ratio 0.5, box_noise_scale 1.0):
+# M = most GT of an image, G = max(1, num_denoising // M) groups of M positives then M negatives;
+# positives' edges move by u * size / 2, u ~ U[0, 1), negatives' by U[1, 2); the matching queries
+# cannot see the denoising ones, a group cannot see another; positive j of group g is query 2Mg + j.
+CDN_TARGETS = [
+    {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.2]])},
+    {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.45, 0.55, 0.16, 0.12]])},
+]
+
+
+def test_item10_denoising_groups_indices_and_attention_mask_follow_the_official_definition() -> None:
+    torch.manual_seed(0)
+    embed = nn.Embedding(4, 8, padding_idx=3)
+    content, boxes_unact, mask, meta = contrastive_denoising_queries(CDN_TARGETS, 3, 5, embed, num_denoising=10,
+                                                                     label_noise_ratio=0.0, box_noise_scale=0.0)  # fmt: skip
+    most, groups = 2, 5  # 10 // 2
+    total = 2 * most * groups
+    assert meta["dn_num_group"] == groups and meta["dn_num_split"] == [total, 5]
+    assert meta["dn_positive_idx"][0].tolist() == [2 * most * g + j for g in range(groups) for j in range(2)]
+    assert meta["dn_positive_idx"][1].tolist() == [2 * most * g for g in range(groups)]
+    # no noise: every query of a group is a copy of the image's GT, padded with the padding class (zero embedding)
+    for g in range(groups):
+        for half in (0, 1):
+            start = 2 * most * g + most * half
+            torch.testing.assert_close(content[0, start : start + 2], embed(torch.tensor([0, 2])))
+            torch.testing.assert_close(boxes_unact[0, start : start + 2], inverse_sigmoid(CDN_TARGETS[0]["boxes"]))
+            assert torch.equal(content[1, start + 1], torch.zeros(8))
+    expected = torch.zeros(total + 5, total + 5, dtype=torch.bool)
+    for row in range(total + 5):
+        for col in range(total):
+            expected[row, col] = row >= total or row // (2 * most) != col // (2 * most)
+    assert torch.equal(mask, expected)
+
+
+def test_item10_positive_boxes_move_under_half_a_size_and_negatives_between_one_and_two_halves() -> None:
+    torch.manual_seed(0)
+    embed = nn.Embedding(4, 8, padding_idx=3)
+    _, boxes_unact, _, meta = contrastive_denoising_queries(CDN_TARGETS[1:], 3, 5, embed, num_denoising=400, label_noise_ratio=0.0)
+    gt = CDN_TARGETS[1]["boxes"][0]
+    x1, y1, x2, y2 = gt[0] - gt[2] / 2, gt[1] - gt[3] / 2, gt[0] + gt[2] / 2, gt[1] + gt[3] / 2  # far from the borders: no clipping
+    boxes = boxes_unact[0].sigmoid()
+    edges = torch.stack([boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2, boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2], 1)
+    half = torch.stack([gt[2], gt[3], gt[2], gt[3]]) / 2
+    original = torch.stack([x1, y1, x2, y2])
+    positive = torch.zeros(len(boxes), dtype=torch.bool)
+    positive[meta["dn_positive_idx"][0]] = True
+    moved = (edges[positive] - original).abs() / half
+    assert moved.max() < 1 + 1e-4
+    # a negative may cross its opposite edge; the box keeps the two edges of each axis in order (the width's sign dropped)
+    for box in edges[~positive]:
+        for axis in (0, 1):
+            low, high = box[axis], box[axis + 2]
+            bands = [((edge - original[i]).abs() / half[i]).item() for edge, i in ((low, axis), (high, axis + 2))]
+            swapped = [((edge - original[i]).abs() / half[i]).item() for edge, i in ((high, axis), (low, axis + 2))]
+            assert any(all(1 - 1e-4 <= b < 2 + 1e-4 for b in pair) for pair in (bands, swapped))
+    # label noise 0.5: a label is redrawn uniformly with probability 0.25, so it changes with probability 0.25 * 2/3
+    content, _, _, _ = contrastive_denoising_queries(CDN_TARGETS[1:], 3, 5, embed, num_denoising=4000)
+    labels = (content[0, :, None] == embed.weight[None]).all(-1).float().argmax(-1)
+    assert abs((labels != 1).float().mean().item() - 0.25 * 2 / 3) < 0.02
+
+
+def cdn_detector() -> DFineDetector:
+    """A small detector whose FDR heads are moved off their zero initialisation, so that the layers differ."""
+    torch.manual_seed(0)
+    model = DFineDetector(3, backbone="resnet10t", hidden_dim=32, num_queries=10, num_heads=2, ffn_dim=64).train()
+    with torch.no_grad():
+        for parameter in model.decoder.fdr.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+def test_item10_the_matching_queries_never_see_the_denoising_queries() -> None:
+    """With the attention mask, the matching queries' outputs are those of the same detector without denoising."""
+    model = cdn_detector()
+    images = torch.randn(2, 3, 64, 64)
+    with_dn = model(images, CDN_TARGETS)
+    model.decoder.num_denoising = 0
+    without = model(images)
+    assert len(with_dn["dn_outputs"]) == 3 and with_dn["dn_outputs"][0]["pred_logits"].shape[1] == 2 * 2 * 50
+    for key in ("pred_logits", "pred_boxes", "pred_corners", "ref_points"):
+        torch.testing.assert_close(with_dn[key], without[key], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_dn["pre_outputs"]["pred_boxes"], without["pre_outputs"]["pred_boxes"], rtol=1e-5, atol=1e-5)
+    last = with_dn["dn_outputs"][-1]
+    assert all(torch.equal(layer["teacher_corners"], last["pred_corners"]) for layer in with_dn["dn_outputs"])
+    with pytest.raises(ValueError, match=r"model\(images, targets\), or set num_denoising: 0"):
+        model.decoder.num_denoising = 100
+        model(images)
+
+
+def test_item10_denoising_losses_use_the_known_matching_and_the_last_aux_layers_ddf_counts() -> None:
+    """dfine_criterion.py, "cdn auxiliary losses": indices from get_cdn_matched_indices, dn_num_boxes = num_boxes *
+    dn_num_group, the FGL targets of the denoising references, DDF's num_pos/num_neg kept from the last
+    non-denoising layer (the last auxiliary one); keys _dn_{i} for every layer and _dn_pre."""
+    model = cdn_detector()
+    outputs = model(torch.randn(2, 3, 64, 64), CDN_TARGETS)
+    criterion = DFINECriterion(3)
+    losses = criterion(outputs, CDN_TARGETS)
+    dn_keys = {f"loss_{k}_dn_{i}" for k in ("vfl", "bbox", "giou", "fgl", "ddf") for i in range(3)} | {f"loss_{k}_dn_pre" for k in ("vfl", "bbox", "giou")}
+    assert dn_keys <= set(losses) and len(dn_keys) == 18
+    groups = outputs["dn_meta"]["dn_num_group"]
+    matching = [(torch.arange(groups)[:, None] * 4 + torch.arange(len(t["labels"]))[None]).reshape(-1) for t in CDN_TARGETS]
+    indices = [(queries, torch.arange(len(t["labels"])).repeat(groups)) for queries, t in zip(matching, CDN_TARGETS)]
+    num_boxes = 3.0 * groups
+    # the last auxiliary layer's DDF counts: its matched queries (the union matching) x 4 edges, and the rest
+    matcher = criterion.matcher
+    named = [outputs, *outputs["aux_outputs"], outputs["pre_outputs"], *outputs["enc_outputs"]]
+    union = union_matching([matcher(o["pred_logits"], o["pred_boxes"], CDN_TARGETS) for o in named])
+    matched = 4.0 * sum(len(q) for q, _ in union)
+    counts = (matched, 4.0 * 2 * 10 - matched)
+    weights = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
+    for i, layer in enumerate(outputs["dn_outputs"]):
+        torch.testing.assert_close(losses[f"loss_vfl_dn_{i}"], weights["vfl"] * varifocal_loss(layer["pred_logits"], layer["pred_boxes"], CDN_TARGETS, indices, num_boxes))
+        l1, giou = box_losses(layer["pred_boxes"], CDN_TARGETS, indices, num_boxes)
+        torch.testing.assert_close(losses[f"loss_bbox_dn_{i}"], weights["bbox"] * l1)
+        torch.testing.assert_close(losses[f"loss_giou_dn_{i}"], weights["giou"] * giou)
+        torch.testing.assert_close(losses[f"loss_fgl_dn_{i}"], weights["fgl"] * fgl_loss(layer["pred_corners"], layer["ref_points"], layer["pred_boxes"], CDN_TARGETS, indices, num_boxes))
+        expected_ddf = ddf_loss(layer["pred_corners"], layer["teacher_corners"], layer["teacher_logits"], layer["pred_boxes"], CDN_TARGETS, indices, 5.0, counts)
+        torch.testing.assert_close(losses[f"loss_ddf_dn_{i}"], weights["ddf"] * expected_ddf)
+    assert losses["loss_ddf_dn_2"] == 0  # the last denoising layer is its own teacher
+    assert losses["loss_ddf_dn_0"] != weights["ddf"] * ddf_loss(*(outputs["dn_outputs"][0][k] for k in ("pred_corners", "teacher_corners", "teacher_logits", "pred_boxes")), CDN_TARGETS, indices)
+    pre = outputs["dn_pre_outputs"]
+    torch.testing.assert_close(losses["loss_vfl_dn_pre"], varifocal_loss(pre["pred_logits"], pre["pred_boxes"], CDN_TARGETS, indices, num_boxes))
+    sum(losses.values()).backward()
+    assert model.decoder.denoising_class_embed.weight.grad[:3].abs().sum() > 0
+
+
+def test_item10_a_batch_without_objects_keeps_every_denoising_key() -> None:
+    """denoising.py: no GT in the batch gives dn_num_group 0; the criterion clamps dn_num_boxes at 1 and
+    keeps every key, so DDP ranks stay in step."""
+    torch.manual_seed(0)
+    model = DFineDetector(3, backbone="resnet10t", hidden_dim=32, num_queries=10, num_heads=2, ffn_dim=64).train()
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    outputs = model(torch.randn(2, 3, 64, 64), empty)
+    assert outputs["dn_meta"]["dn_num_group"] == 0 and outputs["dn_outputs"][0]["pred_logits"].shape[1] == 0
+    losses = DFINECriterion(3)(outputs, empty)
+    assert {f"loss_fgl_dn_{i}" for i in range(3)} <= set(losses)
+    assert all(torch.isfinite(value) for value in losses.values())

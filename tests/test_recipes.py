@@ -375,7 +375,8 @@ def test_dfine_coco2017(coco: Path, hgnetv2_b0: Path, tmp_path: Path) -> None:
               facts=("datamodule.layout", "datamodule.num_classes", "datamodule.input_shape", "datamodule.splits[train].images",
                      "datamodule.splits[test].folder",
                      "lightning_module.model.num_queries", "len(lightning_module.model.decoder.layers)",
-                     "lightning_module.model.reg_max", "lightning_module.model.reg_scale", "lightning_module.model"))  # fmt: skip
+                     "lightning_module.model.reg_max", "lightning_module.model.reg_scale", "lightning_module.model",
+                     "lightning_module.model.num_denoising"))  # fmt: skip
     metrics, facts = run["metrics"], run["facts"]
     assert run["global_step"] == 2
     assert {"train/loss_vfl", "train/loss_bbox", "train/loss_giou", "train/loss_fgl", "train/loss_ddf", "val/map", "val/map_50"} <= set(metrics)
@@ -383,6 +384,7 @@ def test_dfine_coco2017(coco: Path, hgnetv2_b0: Path, tmp_path: Path) -> None:
     assert facts["datamodule.splits[train].images"] is None and facts["datamodule.splits[test].folder"] == str(coco / "val2017")  # lazy; test = val2017
     assert facts["len(lightning_module.model.decoder.layers)"] == 3 and facts["lightning_module.model.num_queries"] == 300
     assert facts["lightning_module.model.reg_max"] == 32 and facts["lightning_module.model.reg_scale"] == 4.0
+    assert facts["lightning_module.model.num_denoising"] == 100  # CDN as the official configs
     # the backbone holds the file's weights (timm's stages.N keys, the wrapper's stages_N): they
     # moved by at most two AdamW steps of lr 8e-4
     saved = load_file(str(hgnetv2_b0))

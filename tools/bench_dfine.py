@@ -4,6 +4,7 @@ baseline, +FDR, and +FDR+GO-LSD (the paper's 53.0 -> 53.8 -> 54.5 AP on COCO), s
     python tools/bench_dfine.py                       # the README's table: CPU-scale config, seeds 0 1
     python tools/bench_dfine.py --config configs/dfine/fmnist_det.yaml --jobs 6   # the full recipe, six runs at once (a GPU)
     python tools/bench_dfine.py --seeds 0 --epochs 1  # a quick look
+    python tools/bench_dfine.py --seeds 0 --variants fdr_golsd fdr_golsd_no_cdn --out bench/dfine_cdn.json   # with and without CDN
 
 The data set is composed first when --data does not hold it (tools/compose_detection.py, its
 default sizes and seed 0); the seed of a run is its training seed. Each run keeps its result in
@@ -27,7 +28,10 @@ VARIANTS = {
     "baseline": ("--model.init_args.model.init_args.box_head=direct", "--model.init_args.go_lsd=false"),
     "fdr": ("--model.init_args.go_lsd=false",),
     "fdr_golsd": (),
+    # the full method without contrastive denoising (the detector's num_denoising 0): what CDN adds
+    "fdr_golsd_no_cdn": ("--model.init_args.model.init_args.num_denoising=0",),
 }
+DEFAULT_VARIANTS = ["baseline", "fdr", "fdr_golsd"]
 METRICS = ["test/map", "test/map_50", "test/map_75", "test/map_small", "test/map_medium", "test/map_large"]
 
 
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--data", default="runs/data/fmnist-det", help="the composed set (built here when missing)")
     parser.add_argument("--config", default="configs/dfine/fmnist_det_small.yaml", help="the +FDR+GO-LSD recipe; the other rows override it")
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=DEFAULT_VARIANTS, help="rows, run in this order per seed")
     args = parser.parse_args()
     stem = Path(args.config).stem
     args.out, args.workdir = args.out or f"bench/dfine_{stem}.json", args.workdir or f"runs/bench_dfine/{stem}"
@@ -63,10 +68,11 @@ def main() -> None:
         compose_detection.compose(Path(args.data), fmnist, compose_detection.DEFAULT_SIZES, progress=True)
 
     started, load_before = time.time(), os.getloadavg()
-    runs = {f"seed{seed}/{name}": Run(name, args.config, seed, args.epochs, extra) for seed in args.seeds for name, extra in VARIANTS.items()}
+    runs = {f"seed{seed}/{name}": Run(name, args.config, seed, args.epochs, extra) for seed in args.seeds for name, extra in
+            ((name, VARIANTS[name]) for name in args.variants)}
     done = execute_all(runs, execute, args)
     summary = {}
-    for name in VARIANTS:
+    for name in args.variants:
         per_seed = [done[f"seed{seed}/{name}"] for seed in args.seeds]
         summary[name] = {metric: statistics.mean(r[metric] for r in per_seed) for metric in METRICS}
         summary[name] |= {"test/map_per_seed": [r["test/map"] for r in per_seed], "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in per_seed),

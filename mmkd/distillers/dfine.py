@@ -11,9 +11,11 @@ The paper's ablation is three configs of this one module: the direct L1/GIoU box
 (``box_head="direct"``, ``go_lsd=False``), ``+FDR`` (``box_head="fdr"``, ``go_lsd=False``) and
 ``+FDR+GO-LSD`` (both on, the default).
 
-Differences from the official training recipe: no contrastive denoising queries, no EMA and no
-two-stage augmentation schedule (see the README); the criterion runs in fp32 as the official
-code does under AMP.
+The detector trains with contrastive denoising queries (CDN, ``num_denoising`` of the detector,
+on by default as in the official configs), which get the same losses on their known matching.
+
+Differences from the official training recipe: no EMA and no two-stage augmentation schedule (see
+the README); the criterion runs in fp32 as the official code does under AMP.
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ class DFine(TrainingModule):
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """The criterion's weighted terms, summed per kind over all outputs (layers, pre, encoder)."""
-        outputs = self.model(batch["image"])
+        # a detector with denoising queries builds them from the ground truth (training only)
+        denoising = self.model.training and getattr(self.model, "num_denoising", 0) > 0
+        outputs = self.model(batch["image"], batch["targets"]) if denoising else self.model(batch["image"])
         with torch.autocast(device_type=batch["image"].device.type, enabled=False):  # fp32, as the official criterion
             terms = self.criterion(to_float(outputs), batch["targets"])
         by_kind: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=batch["image"].device))

@@ -22,7 +22,6 @@ Losses are computed in fp32 (inputs are cast), as the official criterion runs wi
 
 Deviations from the official code (values are otherwise the same):
 
-- no denoising (CDN) queries, so no ``_dn`` losses and no FGL/DDF on them;
 - IoU/GIoU clamp the union and enclosing areas at 1e-9 instead of asserting on degenerate boxes;
 - union matching breaks count ties towards the lowest GT index and returns queries sorted (the official order
   is by count, with implementation-defined ties);
@@ -470,14 +469,17 @@ def ddf_loss(
     targets: list[Target] | BatchTargets,
     indices: Indices | FlatMatch,
     temperature: float = 5.0,
+    counts: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Decoupled distillation focal loss of GO-LSD (§A3.6), over all B x Q x 4 edge distributions.
 
     Per edge ``KL_ke = T^2 KL(softmax(t/T) || softmax(s/T))`` with the teacher (``teacher_corners``, the final
     layer) detached. The detached weight is this layer's IoU with the GT for the queries in ``indices`` (the union
     set), and ``max_c sigmoid(teacher_logits)`` for the others. The weighted KL is averaged within each group and
-    the two means are mixed by :func:`sqrt_count_mix` with the edge counts. Returns ``0 * sum`` when the student
-    is the teacher (the official guard for the last layer).
+    the two means are mixed by :func:`sqrt_count_mix` with the edge counts: this layer's own, or ``counts``
+    (matched, unmatched) when given (the denoising layers take those of the last auxiliary layer, as the official
+    criterion keeps ``num_pos``/``num_neg`` from it). Returns ``0 * sum`` when the student is the teacher (the
+    official guard for the last layer).
     """
     num_bins = pred_corners.shape[-1] // 4
     if torch.equal(pred_corners, teacher_corners):
@@ -501,6 +503,8 @@ def ddf_loss(
     num_unmatched = matched.numel() - num_matched
     mean_matched = weighted_kl.where(matched, 0).sum() / num_matched.clamp(min=1)
     mean_unmatched = weighted_kl.where(~matched, 0).sum() / num_unmatched.clamp(min=1)
+    if counts is not None:
+        num_matched, num_unmatched = counts
     return sqrt_count_mix(mean_matched, mean_unmatched, num_matched, num_unmatched)
 
 
@@ -516,10 +520,8 @@ DEFAULT_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5
 # constants ``up`` and ``reg_scale``. Both layouts are read; every other key is an error.
 OUTPUT_KEYS = frozenset({
     "pred_logits", "pred_boxes", "pred_corners", "ref_points", "aux_outputs", "pre_outputs", "enc_outputs",
-    "enc_aux_outputs", "enc_meta", "up", "reg_scale",
+    "enc_aux_outputs", "enc_meta", "up", "reg_scale", "dn_outputs", "dn_pre_outputs", "dn_meta",
 })  # fmt: skip
-# the official model's contrastive-denoising outputs, for which this criterion has no losses
-DENOISING_KEYS = frozenset({"dn_outputs", "dn_pre_outputs", "dn_meta"})
 # keys of one layer's dict (final, aux, pre, encoder); ``up``/``reg_scale`` are what the official
 # criterion writes into its aux dicts
 LAYER_KEYS = frozenset({"pred_logits", "pred_boxes", "pred_corners", "ref_points", "teacher_corners", "teacher_logits", "up", "reg_scale"})
@@ -545,7 +547,9 @@ class DFINECriterion(nn.Module):
 
     Keys (official names): ``loss_vfl``, ``loss_bbox``, ``loss_giou``, ``loss_fgl`` for the final layer, the same
     plus ``loss_ddf`` with suffix ``_aux_{i}`` for each auxiliary layer, ``loss_{vfl,bbox,giou}_pre`` for the
-    layer-0 box head and ``loss_{vfl,bbox,giou}_enc_{i}`` for each encoder output. ``loss_fgl`` is present where
+    layer-0 box head and ``loss_{vfl,bbox,giou}_enc_{i}`` for each encoder output; with contrastive denoising
+    queries, the same five with ``_dn_{i}`` for every decoder layer (the last included) and
+    ``loss_{vfl,bbox,giou}_dn_pre``. ``loss_fgl`` is present where
     ``pred_corners`` is not None, ``loss_ddf`` where ``teacher_corners`` is not None and ``use_ddf``; with
     ``pred_corners`` None everywhere (the direct-regression baseline) there are only VFL, L1 and GIoU. For one
     output layout every key is present on every call, also without any GT (zeros that keep the graph), so
@@ -560,13 +564,19 @@ class DFINECriterion(nn.Module):
     - Box counts are averaged over ranks under torch.distributed and clamped at 1.
     - NaNs in the losses are zeroed (``nan_to_num``) as the official code does.
 
-    There are no denoising (CDN) queries: no ``_dn`` keys, and the DDF count weights are always this layer's own.
+    - Denoising outputs (``dn_outputs``, ``dn_pre_outputs`` with ``dn_meta``, official
+      ``dfine_criterion.py``, the "cdn auxiliary losses"): matched by construction (positive query
+      ``2Mg + j`` of group ``g`` to GT ``j``, :func:`~mmkd.models.detr.contrastive_denoising_queries`), every
+      loss on that matching normalised by ``G`` times the number of GT boxes, the FGL targets computed
+      once from the denoising reference boxes, and DDF mixed with the edge counts of the last auxiliary
+      layer (the official ``num_pos``/``num_neg``).
+
     ``outputs`` is the detector's dict (see the shared contract): ``pred_logits``, ``pred_boxes``,
     ``pred_corners``, ``ref_points``, ``aux_outputs`` (with ``teacher_corners``, ``teacher_logits``),
     ``pre_outputs`` and ``enc_outputs``; missing or None optional entries are skipped. The official model's
     layout is read too (:meth:`canonical_outputs`): encoder proposals under ``enc_aux_outputs`` with ``enc_meta``,
-    and ``up``/``reg_scale``, which must equal the criterion's. Keys of neither layout, and the official
-    denoising outputs (``dn_outputs``, ...), raise :class:`DetectionOutputError`.
+    and ``up``/``reg_scale``, which must equal the criterion's. Keys of neither layout, and denoising outputs
+    without a complete ``dn_meta``, raise :class:`DetectionOutputError`.
 
     Args:
         num_classes: C of ``pred_logits``, checked on each call.
@@ -609,12 +619,13 @@ class DFINECriterion(nn.Module):
     def canonical_outputs(self, outputs: dict) -> dict:
         """``outputs`` in mmkd's layout: the official ``enc_aux_outputs`` become ``enc_outputs``, ``enc_meta``,
         ``up`` and ``reg_scale`` are checked and dropped; anything the losses would not read is an error."""
-        denoising = sorted(DENOISING_KEYS & outputs.keys())
-        if denoising:
-            raise DetectionOutputError(
-                f"the outputs hold contrastive-denoising entries {denoising}, but this criterion has no denoising (CDN) "
-                "losses: turn denoising off in the detector rather than let those outputs go untrained"
-            )
+        if outputs.get("dn_outputs") is not None:
+            missing = sorted({"dn_positive_idx", "dn_num_group"} - set(outputs.get("dn_meta") or {}))
+            if missing:
+                raise DetectionOutputError(
+                    f"the outputs hold contrastive-denoising layers (dn_outputs) but dn_meta lacks {missing}: the denoising "
+                    "queries cannot be matched to their ground truth without them"
+                )
         unknown = sorted(set(outputs) - OUTPUT_KEYS)
         if unknown:
             raise DetectionOutputError(f"unknown detector outputs {unknown}; the criterion reads {sorted(OUTPUT_KEYS)}")
@@ -632,8 +643,8 @@ class DFINECriterion(nn.Module):
         canonical = {key: value for key, value in outputs.items() if key not in ("enc_aux_outputs", "enc_meta", "up", "reg_scale")}
         if "enc_aux_outputs" in outputs:
             canonical["enc_outputs"] = outputs["enc_aux_outputs"]
-        layers = [canonical, *(canonical.get("aux_outputs") or []), *(canonical.get("enc_outputs") or [])]
-        layers += [canonical["pre_outputs"]] if canonical.get("pre_outputs") is not None else []
+        layers = [canonical, *(canonical.get("aux_outputs") or []), *(canonical.get("enc_outputs") or []), *(canonical.get("dn_outputs") or [])]
+        layers += [canonical[key] for key in ("pre_outputs", "dn_pre_outputs") if canonical.get(key) is not None]
         for layer in layers[1:]:
             unknown = sorted(set(layer) - LAYER_KEYS)
             if unknown:
@@ -677,24 +688,69 @@ class DFINECriterion(nn.Module):
         else:
             localisation = {suffix: (flat, num_gt) for suffix, flat in own_flat.items()}
 
-        w = self.weights
         losses: dict[str, torch.Tensor] = {}
+        ddf_counts = None  # edge counts (matched, unmatched) of the last auxiliary layer with DDF
         for suffix, out in named:
             loc_indices, loc_num = localisation[suffix]
-            losses["loss_vfl" + suffix] = w["vfl"] * varifocal_loss(
-                out["pred_logits"], out["pred_boxes"], batch_targets, own_flat[suffix], num_gt,
-                self.vfl_alpha, self.vfl_gamma,
-            )  # fmt: skip
-            l1, giou = box_losses(out["pred_boxes"], batch_targets, loc_indices, loc_num)
-            losses["loss_bbox" + suffix], losses["loss_giou" + suffix] = w["bbox"] * l1, w["giou"] * giou
-            if out.get("pred_corners") is not None:
-                losses["loss_fgl" + suffix] = w["fgl"] * fgl_loss(
-                    out["pred_corners"], out["ref_points"], out["pred_boxes"], batch_targets, loc_indices,
-                    loc_num, self.reg_max, self.reg_scale, self.up, cached_targets=shared_fgl_targets,
-                )  # fmt: skip
-            if self.use_ddf and out.get("teacher_corners") is not None:
-                losses["loss_ddf" + suffix] = w["ddf"] * ddf_loss(
-                    out["pred_corners"], out["teacher_corners"], out["teacher_logits"], out["pred_boxes"],
-                    batch_targets, loc_indices, self.ddf_temperature,
-                )  # fmt: skip
+            losses |= self._output_losses(suffix, out, batch_targets, own_flat[suffix], num_gt, loc_indices, loc_num,
+                                          shared_fgl_targets)  # fmt: skip
+            if out.get("teacher_corners") is not None:
+                matched = 4.0 * loc_indices.query_idx.numel()
+                ddf_counts = (matched, 4.0 * out["pred_corners"].shape[0] * out["pred_corners"].shape[1] - matched)
+        if outputs.get("dn_outputs") is not None:
+            losses |= self._denoising_losses(outputs, targets, batch_targets, num_gt, ddf_counts)
         return {key: torch.nan_to_num(value, nan=0.0) for key, value in losses.items()}
+
+    def _output_losses(
+        self, suffix: str, out: dict, batch_targets: BatchTargets, vfl_match: FlatMatch, vfl_num: float,
+        loc_match: FlatMatch, loc_num: float, fgl_targets: tuple | None, ddf_counts: tuple[float, float] | None = None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The weighted VFL, L1, GIoU and, where the output has them, FGL and DDF of one output."""
+        w = self.weights
+        losses = {"loss_vfl" + suffix: w["vfl"] * varifocal_loss(
+            out["pred_logits"], out["pred_boxes"], batch_targets, vfl_match, vfl_num, self.vfl_alpha, self.vfl_gamma,
+        )}  # fmt: skip
+        l1, giou = box_losses(out["pred_boxes"], batch_targets, loc_match, loc_num)
+        losses["loss_bbox" + suffix], losses["loss_giou" + suffix] = w["bbox"] * l1, w["giou"] * giou
+        if out.get("pred_corners") is not None:
+            losses["loss_fgl" + suffix] = w["fgl"] * fgl_loss(
+                out["pred_corners"], out["ref_points"], out["pred_boxes"], batch_targets, loc_match,
+                loc_num, self.reg_max, self.reg_scale, self.up, cached_targets=fgl_targets,
+            )  # fmt: skip
+        if self.use_ddf and out.get("teacher_corners") is not None:
+            losses["loss_ddf" + suffix] = w["ddf"] * ddf_loss(
+                out["pred_corners"], out["teacher_corners"], out["teacher_logits"], out["pred_boxes"],
+                batch_targets, loc_match, self.ddf_temperature, ddf_counts,
+            )  # fmt: skip
+        return losses
+
+    def _denoising_losses(
+        self, outputs: dict, targets: list[Target], batch_targets: BatchTargets, num_gt: float,
+        ddf_counts: tuple[float, float] | None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The losses of the contrastive-denoising layers: GT ``j`` of an image is the target of its positive
+        query in every group, the official ``get_cdn_matched_indices``; normalised by groups x GT boxes."""
+        meta, layers = outputs["dn_meta"], outputs["dn_outputs"]
+        groups = int(meta["dn_num_group"])
+        indices = []
+        for image, (positive, target) in enumerate(zip(meta["dn_positive_idx"], targets)):
+            gt_idx = torch.arange(len(target["labels"])).repeat(groups)
+            if len(positive) != len(gt_idx):
+                raise DetectionOutputError(
+                    f"dn_meta gives image {image} {len(positive)} positive denoising queries, but its {len(target['labels'])} "
+                    f"GT boxes in {groups} groups need {len(gt_idx)}: the denoising queries were built from other targets"
+                )
+            indices.append((positive.detach().cpu().long(), gt_idx))
+        device = outputs["pred_logits"].device
+        match = flatten_match(indices, batch_targets, device)
+        num_boxes = num_gt * groups if num_gt * groups > 0 else 1.0
+        fgl_targets = None
+        if layers and layers[0].get("pred_corners") is not None:
+            fgl_targets = fgl_target_bins(layers[0]["ref_points"], batch_targets, match, self.reg_max, self.reg_scale, self.up)
+        named = [(f"_dn_{i}", layer) for i, layer in enumerate(layers)]
+        if outputs.get("dn_pre_outputs") is not None:
+            named.append(("_dn_pre", outputs["dn_pre_outputs"]))
+        losses: dict[str, torch.Tensor] = {}
+        for suffix, out in named:
+            losses |= self._output_losses(suffix, out, batch_targets, match, num_boxes, match, num_boxes, fgl_targets, ddf_counts)
+        return losses

@@ -17,7 +17,9 @@ Deviations from D-FINE (the official ``DFINETransformer``/``HybridEncoder``):
   therefore only steers attention through ``query_pos``.
 - The encoder is one AIFI layer plus one 3x3 conv block per FPN/PAN step (no GELAN/CSP blocks,
   no SCDown); the AIFI position embedding uses normalised cell centres.
-- No contrastive denoising (CDN) queries, so no ``dn_*`` outputs.
+- Contrastive denoising (CDN, from RT-DETR; the official ``denoising.py``) is reimplemented in
+  :func:`contrastive_denoising_queries` with the official defaults (100 denoising queries at most,
+  label noise 0.5, box noise 1.0) and on by default; ``num_denoising=0`` turns it off.
 - In eval mode every decoder layer still runs (D-FINE stops at ``eval_idx``, by default the last
   layer, so the outputs are the same) and, as in D-FINE, only the last layer's ``pred_logits`` and
   ``pred_boxes`` are returned.
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkd.core.checkpoint import load_state, load_state_dict_file
-from mmkd.losses.detection import distance2bbox, integral, inverse_sigmoid, weighting_function
+from mmkd.losses.detection import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, distance2bbox, integral, inverse_sigmoid, weighting_function
 
 
 def prior_bias(prob: float = 0.01) -> float:
@@ -251,6 +253,78 @@ class HybridEncoder(nn.Module):
         return outs
 
 
+def contrastive_denoising_queries(
+    targets: list[dict[str, torch.Tensor]],
+    num_classes: int,
+    num_queries: int,
+    class_embed: nn.Embedding,
+    num_denoising: int = 100,
+    label_noise_ratio: float = 0.5,
+    box_noise_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Noised copies of the ground truth as extra decoder queries (RT-DETR's CDN, as D-FINE's
+    ``src/zoo/dfine/denoising.py`` builds them).
+
+    With ``M`` the most GT boxes of an image in the batch there are ``G = max(1, num_denoising // M)``
+    groups of ``2M`` queries: ``M`` positives, then ``M`` negatives, each a copy of the image's GT
+    (padded to ``M`` with the padding class ``num_classes`` and zero boxes). A label is replaced by
+    a uniformly drawn class with probability ``label_noise_ratio / 2``. Every edge of a box (xyxy)
+    moves by ``±u * box_noise_scale * (w or h) / 2`` with ``u ~ U[0, 1)`` for positives and
+    ``U[1, 2)`` for negatives, then the box is clipped to the image. The query content is
+    ``class_embed(label)``, its reference box the noised box (inverse sigmoid).
+
+    Returns ``(content [B, 2GM, D], boxes_unact [B, 2GM, 4], attn_mask [T, T], meta)``, ``T = 2GM +
+    num_queries``, the mask True where attention is blocked: the matching queries see no
+    denoising query, and a group sees no other group. ``meta``: ``dn_positive_idx`` (per image,
+    the positive queries of every group in order, the match of GT ``j`` of group ``g`` being
+    ``2Mg + j``), ``dn_num_group`` (G) and ``dn_num_split`` ([2GM, num_queries]). A batch without
+    any GT gets no denoising queries (``G = 0``).
+    """
+    device = class_embed.weight.device
+    counts = [len(target["labels"]) for target in targets]
+    most = max(counts, default=0)
+    if most == 0:
+        empty = torch.zeros(len(targets), 0, class_embed.embedding_dim, device=device)
+        meta = {"dn_positive_idx": [torch.zeros(0, dtype=torch.long, device=device) for _ in targets],
+                "dn_num_group": 0, "dn_num_split": [0, num_queries]}  # fmt: skip
+        return empty, empty.new_zeros(len(targets), 0, 4), torch.zeros(num_queries, num_queries, dtype=torch.bool, device=device), meta
+    groups = max(1, num_denoising // most)
+    batch = len(targets)
+    labels = torch.full((batch, most), num_classes, dtype=torch.long, device=device)
+    boxes = torch.zeros(batch, most, 4, device=device)
+    for i, target in enumerate(targets):
+        labels[i, : counts[i]] = target["labels"].to(device)
+        boxes[i, : counts[i]] = target["boxes"].to(device, torch.float32)
+    real = torch.arange(most, device=device)[None] < torch.tensor(counts, device=device)[:, None]  # [B, M]
+    # [B, G * 2M]: per group M positives then M negatives
+    labels, boxes, real = labels.repeat(1, 2 * groups), boxes.repeat(1, 2 * groups, 1), real.repeat(1, 2 * groups)
+    negative = (torch.arange(2 * groups * most, device=device) // most % 2 == 1)[None, :, None].expand(batch, -1, 1)
+
+    if label_noise_ratio > 0:
+        flip = (torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5) & real
+        labels = torch.where(flip, torch.randint(0, num_classes, labels.shape, device=device), labels)
+    if box_noise_scale > 0:
+        corners = box_cxcywh_to_xyxy(boxes)
+        half_size = boxes[..., 2:].repeat(1, 1, 2) * 0.5 * box_noise_scale
+        sign = torch.randint(0, 2, boxes.shape, device=device) * 2.0 - 1.0
+        magnitude = torch.rand(boxes.shape, device=device) + negative.float()
+        corners = (corners + sign * magnitude * half_size).clamp(0.0, 1.0)
+        boxes = box_xyxy_to_cxcywh(corners).abs()  # an edge pushed past its opposite one: the width's sign dropped
+    boxes_unact = inverse_sigmoid(boxes)
+
+    total = 2 * groups * most
+    group = torch.arange(total, device=device) // (2 * most)
+    attn_mask = torch.zeros(total + num_queries, total + num_queries, dtype=torch.bool, device=device)
+    attn_mask[:total, :total] = group[:, None] != group[None, :]
+    attn_mask[total:, :total] = True
+    positive_idx = [
+        (torch.arange(groups, device=device)[:, None] * 2 * most + torch.arange(n, device=device)[None]).reshape(-1)
+        for n in counts
+    ]  # fmt: skip
+    meta = {"dn_positive_idx": positive_idx, "dn_num_group": groups, "dn_num_split": [total, num_queries]}
+    return class_embed(labels), boxes_unact, attn_mask, meta
+
+
 class DecoderLayer(nn.Module):
     """Self-attention over the queries (post-norm residual), cross-attention to the flattened
     memory combined by :class:`Gate` instead of a residual add, then a ReLU FFN (post-norm).
@@ -269,9 +343,9 @@ class DecoderLayer(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, target: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor,
-                memory_key: torch.Tensor) -> torch.Tensor:
+                memory_key: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         q = target + query_pos
-        target = self.norm1(target + self.self_attn(q, q, target, need_weights=False)[0])
+        target = self.norm1(target + self.self_attn(q, q, target, attn_mask=attn_mask, need_weights=False)[0])
         attended = self.cross_attn(target + query_pos, memory_key, memory, need_weights=False)[0]
         target = self.gate(target, attended)
         return self.norm2(target + self.linear2(F.relu(self.linear1(target))))
@@ -281,11 +355,16 @@ class DFineDecoder(nn.Module):
     """RT-DETR/D-FINE query selection plus the decoder layers and heads; see :class:`DFineDetector`."""
 
     def __init__(self, num_classes: int, num_levels: int, hidden_dim: int, num_queries: int, num_layers: int,
-                 num_heads: int, ffn_dim: int, reg_max: int, reg_scale: float, box_head: str) -> None:
+                 num_heads: int, ffn_dim: int, reg_max: int, reg_scale: float, box_head: str,
+                 num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0) -> None:
         super().__init__()
         if box_head not in ("fdr", "direct"):
             raise ValueError(f"box_head must be 'fdr' or 'direct', got {box_head!r}")
-        self.num_queries, self.box_head = num_queries, box_head
+        self.num_classes, self.num_queries, self.box_head = num_classes, num_queries, box_head
+        self.num_denoising, self.label_noise_ratio, self.box_noise_scale = num_denoising, label_noise_ratio, box_noise_scale
+        if num_denoising > 0:  # the last row, the padding class, stays zero (the official init)
+            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
+            nn.init.normal_(self.denoising_class_embed.weight[:-1])
         self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
         nn.init.normal_(self.level_embed, std=0.02)
         # query selection
@@ -329,7 +408,7 @@ class DFineDecoder(nn.Module):
         anchors = inverse_sigmoid(anchors)  # exact for the valid ones, the others become inf below
         return torch.where(valid, anchors, torch.inf), valid
 
-    def forward(self, feats: list[torch.Tensor]) -> dict[str, Any]:
+    def forward(self, feats: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
         shapes = [(f.shape[-2], f.shape[-1]) for f in feats]
         memory = torch.cat([f.flatten(2).transpose(1, 2) + self.level_embed[i] for i, f in enumerate(feats)], 1)
         memory_pos = torch.cat(
@@ -349,15 +428,25 @@ class DFineDecoder(nn.Module):
         top_boxes_unact = self.enc_bbox_head(top_features) + anchors[index]
         enc_outputs = [{"pred_logits": top_logits, "pred_boxes": top_boxes_unact.sigmoid()}]
 
-        ref_detach = top_boxes_unact.detach().sigmoid()
-        target = top_features.detach()
+        target, boxes_unact, attn_mask, dn_meta = top_features.detach(), top_boxes_unact.detach(), None, None
+        if self.training and self.num_denoising > 0:
+            if targets is None:
+                raise ValueError("the detector trains with contrastive denoising queries built from the ground truth: call it as "
+                                 "model(images, targets), or set num_denoising: 0")  # fmt: skip
+            dn_content, dn_boxes_unact, attn_mask, dn_meta = contrastive_denoising_queries(
+                targets, self.num_classes, self.num_queries, self.denoising_class_embed, self.num_denoising,
+                self.label_noise_ratio, self.box_noise_scale,
+            )  # fmt: skip
+            target = torch.cat([dn_content.to(target.dtype), target], 1)
+            boxes_unact = torch.cat([dn_boxes_unact.to(boxes_unact.dtype), boxes_unact], 1)
+        ref_detach = boxes_unact.sigmoid()
         memory_key = memory + memory_pos
         fdr = self.box_head == "fdr"
         logits_all, boxes_all, corners_all = [], [], []
         pre_outputs = ref_initial = prev_hidden = prev_corners = None
         for i, layer in enumerate(self.layers):
             query_pos = self.query_pos_head(ref_detach).clamp(-10, 10)
-            target = layer(target, query_pos, memory, memory_key)
+            target = layer(target, query_pos, memory, memory_key, attn_mask)
             logits = self.score_heads[i](target)
             if fdr:
                 if i == 0:
@@ -376,17 +465,45 @@ class DFineDecoder(nn.Module):
 
         if not self.training:  # as the official decoder: the training outputs only while training
             return {"pred_logits": logits_all[-1], "pred_boxes": boxes_all[-1]}
+        if dn_meta is None:
+            return self._training_outputs(logits_all, boxes_all, corners_all, ref_initial, pre_outputs) | {"enc_outputs": enc_outputs}
+        # the denoising queries come first: split every output at their count
+        split = dn_meta["dn_num_split"]
+
+        def parts(tensors: list) -> tuple[list, list]:
+            halves = [t.split(split, dim=1) if t is not None else (None, None) for t in tensors]
+            return [h[0] for h in halves], [h[1] for h in halves]
+
+        (dn_logits, logits_all), (dn_boxes, boxes_all), (dn_corners, corners_all) = parts(logits_all), parts(boxes_all), parts(corners_all)
+        dn_ref, ref_initial = ref_initial.split(split, dim=1) if ref_initial is not None else (None, None)
+        dn_pre = main_pre = None
+        if pre_outputs is not None:
+            (dn_pre_logits, pre_logits), (dn_pre_boxes, pre_boxes) = parts([pre_outputs["pred_logits"]]), parts([pre_outputs["pred_boxes"]])
+            dn_pre = {"pred_logits": dn_pre_logits[0], "pred_boxes": dn_pre_boxes[0]}
+            main_pre = {"pred_logits": pre_logits[0], "pred_boxes": pre_boxes[0]}
+        outputs = self._training_outputs(logits_all, boxes_all, corners_all, ref_initial, main_pre) | {"enc_outputs": enc_outputs}
+        # as the official model: every denoising layer, the last included, with the last one as its teacher
+        outputs["dn_outputs"] = self._layer_outputs(dn_logits, dn_boxes, dn_corners, dn_ref, fdr)
+        outputs["dn_pre_outputs"], outputs["dn_meta"] = dn_pre, dn_meta
+        return outputs
+
+    @staticmethod
+    def _layer_outputs(logits_all: list, boxes_all: list, corners_all: list, ref: torch.Tensor | None, fdr: bool) -> list[dict]:
         teacher_corners = corners_all[-1].detach() if fdr else None
         teacher_logits = logits_all[-1].detach() if fdr else None
-        aux_outputs = [
-            {"pred_logits": logits, "pred_boxes": boxes, "pred_corners": corners, "ref_points": ref_initial,
+        return [
+            {"pred_logits": logits, "pred_boxes": boxes, "pred_corners": corners, "ref_points": ref,
              "teacher_corners": teacher_corners, "teacher_logits": teacher_logits}
-            for logits, boxes, corners in zip(logits_all[:-1], boxes_all[:-1], corners_all[:-1])
+            for logits, boxes, corners in zip(logits_all, boxes_all, corners_all)
         ]  # fmt: skip
+
+    def _training_outputs(self, logits_all: list, boxes_all: list, corners_all: list, ref_initial: torch.Tensor | None,
+                          pre_outputs: dict | None) -> dict[str, Any]:  # fmt: skip
+        fdr = self.box_head == "fdr"
         return {
             "pred_logits": logits_all[-1], "pred_boxes": boxes_all[-1], "pred_corners": corners_all[-1],
-            "ref_points": ref_initial, "aux_outputs": aux_outputs, "pre_outputs": pre_outputs,
-            "enc_outputs": enc_outputs,
+            "ref_points": ref_initial, "aux_outputs": self._layer_outputs(logits_all, boxes_all, corners_all, ref_initial, fdr)[:-1],
+            "pre_outputs": pre_outputs,
         }  # fmt: skip
 
 
@@ -421,6 +538,10 @@ class DFineDetector(nn.Module):
       and ``teacher_logits`` (the last layer's, detached; for GO-LSD).
     - ``pre_outputs``: ``{"pred_logits", "pred_boxes"}`` of the layer-0 traditional box head.
     - ``enc_outputs``: ``[{"pred_logits", "pred_boxes"}]``, the top-Q encoder proposals (same Q order).
+    - with contrastive denoising (``num_denoising > 0``, training only; ``forward(images, targets)``):
+      ``dn_outputs`` (one dict per layer 0..L-1 for the denoising queries, the keys of
+      ``aux_outputs``, the last layer's as teacher), ``dn_pre_outputs`` and ``dn_meta`` (see
+      :func:`contrastive_denoising_queries`). The matching queries above never attend to them.
 
     With ``box_head="direct"`` (the baseline without FDR) every layer regresses its box
     RT-DETR-style, ``sigmoid(bbox_heads[i](h_i) + inverse_sigmoid(previous box, detached))``;
@@ -429,7 +550,7 @@ class DFineDetector(nn.Module):
     The decoder follows D-FINE's ``TransformerDecoder``: the top-Q proposals (detached) give the initial references
     and content queries; ``query_pos = query_pos_head(ref).clamp(-10, 10)``; the next layer's
     reference is the current box, detached. The deviations from D-FINE (no deformable attention,
-    a lighter encoder, no denoising queries) are listed in this module's docstring.
+    a lighter encoder) are listed in this module's docstring.
 
     Args:
         num_classes: object classes (no background class).
@@ -449,6 +570,9 @@ class DFineDetector(nn.Module):
         reg_max: N (N + 1 bins per edge).
         reg_scale: D-FINE's reg_scale (c = 1/reg_scale); frozen.
         box_head: ``"fdr"`` or ``"direct"``.
+        num_denoising: the most contrastive-denoising queries per group set (official 100; 0: off).
+        label_noise_ratio: twice the probability that a denoising query's label is redrawn (0.5).
+        box_noise_scale: box noise, in half box sizes (1.0).
     """
 
     def __init__(
@@ -466,6 +590,9 @@ class DFineDetector(nn.Module):
         reg_max: int = 32,
         reg_scale: float = 4.0,
         box_head: str = "fdr",
+        num_denoising: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if num_levels not in (2, 3):
@@ -482,7 +609,8 @@ class DFineDetector(nn.Module):
             load_state(self.backbone, {k: v for k, v in state.items() if k in own}, str(backbone_checkpoint))
         self.encoder = HybridEncoder(self.backbone.feature_info.channels(), hidden_dim, num_heads, ffn_dim)
         self.decoder = DFineDecoder(num_classes, num_levels, hidden_dim, num_queries, num_decoder_layers,
-                                    num_heads, ffn_dim, reg_max, reg_scale, box_head)  # fmt: skip
+                                    num_heads, ffn_dim, reg_max, reg_scale, box_head,
+                                    num_denoising, label_noise_ratio, box_noise_scale)  # fmt: skip
 
     @property
     def reg_scale(self) -> nn.Parameter | float:
@@ -494,5 +622,9 @@ class DFineDetector(nn.Module):
         """The frozen ``up`` parameter of the FDR head (0.5 for "direct")."""
         return self.decoder.fdr.up if self.box_head == "fdr" else 0.5
 
-    def forward(self, images: torch.Tensor) -> dict[str, Any]:
-        return self.decoder(self.encoder(self.backbone(images)))
+    @property
+    def num_denoising(self) -> int:
+        return self.decoder.num_denoising
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        return self.decoder(self.encoder(self.backbone(images)), targets)
