@@ -570,7 +570,8 @@ class DFineDetector(nn.Module):
         reg_max: N (N + 1 bins per edge).
         reg_scale: D-FINE's reg_scale (c = 1/reg_scale); frozen.
         box_head: ``"fdr"`` or ``"direct"``.
-        num_denoising: the most contrastive-denoising queries per group set (official 100; 0: off).
+        num_denoising: contrastive denoising's budget: ``num_denoising // (most GT boxes of an
+            image)`` groups, each of positive and negative copies of the GT (official 100; 0: off).
         label_noise_ratio: twice the probability that a denoising query's label is redrawn (0.5).
         box_noise_scale: box noise, in half box sizes (1.0).
     """
