@@ -465,26 +465,25 @@ class DFineDecoder(nn.Module):
 
         if not self.training:  # as the official decoder: the training outputs only while training
             return {"pred_logits": logits_all[-1], "pred_boxes": boxes_all[-1]}
-        if dn_meta is None:
-            return self._training_outputs(logits_all, boxes_all, corners_all, ref_initial, pre_outputs) | {"enc_outputs": enc_outputs}
-        # the denoising queries come first: split every output at their count
-        split = dn_meta["dn_num_split"]
+        # the denoising queries come first: the matching queries' outputs are what follows them
+        dn_count = dn_meta["dn_num_split"][0] if dn_meta is not None else 0
 
-        def parts(tensors: list) -> tuple[list, list]:
-            halves = [t.split(split, dim=1) if t is not None else (None, None) for t in tensors]
-            return [h[0] for h in halves], [h[1] for h in halves]
+        def matching(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t[:, dn_count:] if t is not None and dn_count else t
 
-        (dn_logits, logits_all), (dn_boxes, boxes_all), (dn_corners, corners_all) = parts(logits_all), parts(boxes_all), parts(corners_all)
-        dn_ref, ref_initial = ref_initial.split(split, dim=1) if ref_initial is not None else (None, None)
-        dn_pre = main_pre = None
-        if pre_outputs is not None:
-            (dn_pre_logits, pre_logits), (dn_pre_boxes, pre_boxes) = parts([pre_outputs["pred_logits"]]), parts([pre_outputs["pred_boxes"]])
-            dn_pre = {"pred_logits": dn_pre_logits[0], "pred_boxes": dn_pre_boxes[0]}
-            main_pre = {"pred_logits": pre_logits[0], "pred_boxes": pre_boxes[0]}
-        outputs = self._training_outputs(logits_all, boxes_all, corners_all, ref_initial, main_pre) | {"enc_outputs": enc_outputs}
-        # as the official model: every denoising layer, the last included, with the last one as its teacher
-        outputs["dn_outputs"] = self._layer_outputs(dn_logits, dn_boxes, dn_corners, dn_ref, fdr)
-        outputs["dn_pre_outputs"], outputs["dn_meta"] = dn_pre, dn_meta
+        def denoising(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t[:, :dn_count] if t is not None else None
+
+        layers = self._layer_outputs([matching(t) for t in logits_all], [matching(t) for t in boxes_all],
+                                     [matching(t) for t in corners_all], matching(ref_initial), fdr)  # fmt: skip
+        outputs = {key: layers[-1][key] for key in ("pred_logits", "pred_boxes", "pred_corners", "ref_points")}
+        outputs |= {"aux_outputs": layers[:-1], "enc_outputs": enc_outputs,
+                    "pre_outputs": {k: matching(v) for k, v in pre_outputs.items()} if pre_outputs is not None else None}  # fmt: skip
+        if dn_meta is not None:  # as the official model: every denoising layer, the last included, with the last as its teacher
+            outputs["dn_outputs"] = self._layer_outputs([denoising(t) for t in logits_all], [denoising(t) for t in boxes_all],
+                                                        [denoising(t) for t in corners_all], denoising(ref_initial), fdr)  # fmt: skip
+            outputs["dn_pre_outputs"] = {k: denoising(v) for k, v in pre_outputs.items()} if pre_outputs is not None else None
+            outputs["dn_meta"] = dn_meta
         return outputs
 
     @staticmethod
@@ -496,15 +495,6 @@ class DFineDecoder(nn.Module):
              "teacher_corners": teacher_corners, "teacher_logits": teacher_logits}
             for logits, boxes, corners in zip(logits_all, boxes_all, corners_all)
         ]  # fmt: skip
-
-    def _training_outputs(self, logits_all: list, boxes_all: list, corners_all: list, ref_initial: torch.Tensor | None,
-                          pre_outputs: dict | None) -> dict[str, Any]:  # fmt: skip
-        fdr = self.box_head == "fdr"
-        return {
-            "pred_logits": logits_all[-1], "pred_boxes": boxes_all[-1], "pred_corners": corners_all[-1],
-            "ref_points": ref_initial, "aux_outputs": self._layer_outputs(logits_all, boxes_all, corners_all, ref_initial, fdr)[:-1],
-            "pre_outputs": pre_outputs,
-        }  # fmt: skip
 
 
 def feature_extractor_keys(state: dict[str, torch.Tensor], own: dict[str, Any]) -> dict[str, torch.Tensor]:
