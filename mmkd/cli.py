@@ -27,6 +27,7 @@ tools:
              mmkd inspect -c configs/kd/fmnist_fitnets.yaml
   cache      run a config's teacher once and store its outputs (train with them after):
              mmkd cache -c configs/kd/fmnist_kd.yaml --out runs/cache/kd --data.init_args.augment=false
+             mmkd cache -c CONFIG --out runs/cache/views --views 8 --topk 10   (augmented views, file data)
   consolidate  turn an FSDP2 checkpoint folder into one file for single-process test/predict/export:
              mmkd consolidate runs/students/fmnist_kd/last.ckpt
   zoo        pretrained students: mmkd zoo list | info NAME | download NAME | verify
@@ -206,26 +207,42 @@ def cache_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="mmkd cache",
         description="Run a distillation config's teacher once over its training split and store its logits and "
-        "tapped features by sample index; then train with --model.init_args.teacher_cache=OUT. Needs a "
-        "training split without random augmentation. Other arguments are config overrides.",
+        "tapped features by sample index; then train with --model.init_args.teacher_cache=OUT. Without --views "
+        "the training split must be read without random augmentation; with --views V each sample's V augmented "
+        "views are recorded (crop box and flip) and training replays them. Under torchrun the ranks share the "
+        "work; a killed build resumes where it stopped. Other arguments are config overrides.",
     )
     parser.add_argument("-c", "--config", required=True, help="a distillation config")
     parser.add_argument("--out", required=True, help="the cache folder to write")
+    parser.add_argument("--views", type=int, default=None, help="record V augmented views per sample (epoch e replays view e %% V)")
     parser.add_argument("--topk", type=int, default=None, help="store only the k largest logits (and one tail logit)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--shard-size", type=int, default=8192, help="rows per shard (the unit of resuming and of sharing among ranks)")
+    parser.add_argument("--device", default="auto", help="where the teacher runs: auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda:0, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     args, overrides = parser.parse_known_args(list(argv))
+    if (args.views is not None and args.views < 1) or args.shard_size < 1 or (args.topk is not None and args.topk < 1):
+        parser.error("--views, --shard-size and --topk must be at least 1")
     cli = lightning_cli(["-c", args.config, *overrides], run=False)
     if not isinstance(cli.model, Distiller):
         parser.error(f"{args.config} trains a {type(cli.model).__name__}, not a distiller: there is no teacher to cache")
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    cli.model.to(device)
     try:
-        cache = build_teacher_cache(cli.model, cli.datamodule, args.out, args.topk, args.dtype, args.batch_size, args.overwrite)
+        cache = build_teacher_cache(cli.model, cli.datamodule, args.out, args.topk, args.dtype, args.batch_size, args.overwrite,
+                                    views=args.views, shard_size=args.shard_size)  # fmt: skip
     except (TeacherCacheError, FileExistsError) as err:
         print(f"mmkd: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    size = sum(f.stat().st_size for f in cache.path.iterdir())
-    print(f"wrote {cache.path}: {len(cache)} samples, {', '.join(cache.sources)}, {size / 2**20:.1f} MiB")
+    if int(os.environ.get("RANK", "0")) == 0:
+        size = sum(f.stat().st_size for f in cache.path.iterdir())
+        views = f" x {cache.views} views" if cache.views else ""
+        print(f"wrote {cache.path}: {len(cache)} samples{views}, {', '.join(cache.sources)}, {size / 2**20:.1f} MiB")
 
 
 def consolidate_main(argv: Sequence[str]) -> None:

@@ -402,7 +402,7 @@ def test_kd_with_a_class_map_trains_and_its_loss_is_kd_on_the_mapped_logits() ->
     assert torch.allclose(dkd.distillation_losses(batch)["dkd"], expected, rtol=1e-5, atol=1e-6)
 
     class RawCache:  # the teacher cache stores the teacher's own 20-way logits: mapped on lookup too
-        def lookup(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        def lookup(self, indices: torch.Tensor, device: torch.device, views: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
             return {LOGITS: teacher[indices]}
 
     distiller.train()

@@ -29,10 +29,9 @@ def test_cached_outputs_equal_the_online_teacher(teacher_in_place: Path) -> None
     cli = lightning_cli(["-c", FITNETS, *MNIST], run=False)
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")
-    loader, _ = cli.datamodule.teacher_cache_loader(256)
-    batch = next(iter(loader))
-    indices = batch["index"][torch.tensor([5, 0, 200, 17])]  # any order
-    images = loader.dataset.__getitems__(indices.tolist())["image"]
+    dataset, _ = cli.datamodule.teacher_cache_dataset()
+    indices = torch.tensor([5, 0, 200, 17, 2999])  # any order
+    images = dataset.__getitems__(indices.tolist())["image"]
     online = {"logits": cli.model.teacher(images), **cli.model.teacher_tap.pop()}
     cached = cache.lookup(indices)
     for source in ("logits", "layer2"):
@@ -90,23 +89,34 @@ def test_corrupt_or_interrupted_cache_is_reported(teacher_in_place: Path, monkey
     with pytest.raises(TeacherCacheError, match=r"cannot read .*0\.npy .*incomplete or corrupt: rebuild it"):
         TeacherCache("kd_cache")
     cli = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_kd.yaml"), *MNIST], run=False)
-    calls = []
+    calls, fail_at = [], [3]
 
     def failing_forward(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) in fail_at:
             raise KeyboardInterrupt  # a user's Ctrl-C half-way
         return torch.zeros(len(args[0]), 10)
 
     monkeypatch.setattr(cli.model.teacher, "forward", failing_forward)
-    with pytest.raises(KeyboardInterrupt):
-        build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False)
-    assert not Path("interrupted").exists() and not list(Path(".").glob(".interrupted*"))
-    Path(".interrupted.tmp-99999").mkdir()  # what a killed build (no exception handler ran) leaves
-    (Path(".interrupted.tmp-99999") / "logits.npy").write_bytes(b"half")
-    build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False)  # (the stand-in forward answers now)
-    build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):  # shards of 1,024 rows in batches of 512: the first shard is finished
+        build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False, shard_size=1024)
+    partial = Path(".interrupted.partial")
+    assert not Path("interrupted").exists() and sorted(f.name for f in partial.iterdir()) == ["build.json", "shard-00000.npz"]
+    (partial / "shard-00001.npz.tmp").write_bytes(b"half")  # what a kill while a shard was written leaves
+    Path(".interrupted.tmp-99999").mkdir()  # what a killed build of an earlier mmkd leaves
+    calls.clear()
+    fail_at.clear()
+    build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False, shard_size=1024)  # resumed
+    assert len(calls) == 4  # shards 1 and 2 (1,024 and 952 rows), two batches each; shard 0 was kept
     assert TeacherCache("interrupted").meta["num_samples"] == 3000 and not list(Path(".").glob(".interrupted*"))
+    calls.clear()
+    fail_at.append(3)
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False, overwrite=True, shard_size=1024)
+    calls.clear()
+    fail_at.clear()  # a build of another recipe (top-k) discards the finished shards of this one
+    build_teacher_cache(cli.model, cli.datamodule, "interrupted", progress=False, overwrite=True, shard_size=1024, topk=3)
+    assert len(calls) == 6 and TeacherCache("interrupted").meta["topk"] == 3 and not list(Path(".").glob(".interrupted*"))
 
 
 def test_topk_keeps_the_largest_logits_and_the_tail_mass(teacher_in_place: Path) -> None:

@@ -121,7 +121,9 @@ class Distiller(Classifier):
             the data module.
         teacher_cache: a folder built by ``mmkd cache`` (see :mod:`mmkd.core.cache`): training
             steps read the teacher's outputs from it instead of running the teacher; validation
-            still runs the teacher. Checked against the teacher weights, data and transform.
+            still runs the teacher. Checked against the teacher weights, data and transform; a
+            cache of recorded views (``mmkd cache --views V``) also makes the data module cut
+            each training image as the teacher saw it.
         teacher_input_key: batch entries the teacher takes instead of the student's input, e.g.
             ``audio`` for a cross-modal teacher or ``[image, audio]`` for a fusion teacher; the
             data module's ``input_shape`` is then a dict of shapes per entry.
@@ -201,21 +203,25 @@ class Distiller(Classifier):
     # -- set-up: heads from observed shapes ----------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        class_names = getattr(getattr(self._trainer, "datamodule", None) if self._trainer else None, "class_names", None)
+        self.prepare_teacher(getattr(self._trainer, "datamodule", None) if self._trainer else None)
+        if self.feature_shapes is None:
+            self.build_heads(self.observe_shapes())
+        if stage == "fit" and self.teacher_cache and self._cache is None:
+            self._cache = self.open_teacher_cache()
+
+    def prepare_teacher(self, datamodule: Any) -> None:
+        """What the teacher's outputs depend on in the data module: the label order of a class map
+        by name and the ``teacher_input`` adapter (also run by ``mmkd cache``, which has no trainer)."""
+        class_names = getattr(datamodule, "class_names", None)
         if self.class_map is not None and class_names:  # a map by name follows the data's label order
             self.class_map = self.class_map.ordered_as(list(class_names))
         if self.teacher_input_spec is not None and self.teacher_adapter is None:
             from mmkd.models.adapter import teacher_input_adapter
 
-            datamodule = self._trainer.datamodule if self._trainer else None
             try:
                 self.teacher_adapter = teacher_input_adapter(self.teacher_input_spec, self.teacher.model, datamodule)
             except ValueError as err:
                 raise DataMismatchError(f"model.init_args.teacher_input: {err}") from None
-        if self.feature_shapes is None:
-            self.build_heads(self.observe_shapes())
-        if stage == "fit" and self.teacher_cache and self._cache is None:
-            self._cache = self.open_teacher_cache()
 
     def teacher_cache_fingerprint(self, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
         """What, besides the teacher's weights, must match for cached outputs to be valid."""
@@ -225,12 +231,16 @@ class Distiller(Classifier):
 
     def open_teacher_cache(self) -> TeacherCache:
         datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "teacher_cache_loader"):
-            raise TeacherCacheError(f"{type(datamodule).__name__} does not declare teacher_cache_loader(); it cannot use a teacher cache")
-        _, data_fingerprint = datamodule.teacher_cache_loader(1)
+        if not hasattr(datamodule, "teacher_cache_dataset"):
+            raise TeacherCacheError(f"{type(datamodule).__name__} does not declare teacher_cache_dataset(); it cannot use a teacher cache")
         cache = TeacherCache(self.teacher_cache)
+        _, data_fingerprint = datamodule.teacher_cache_dataset(cache.views)
         needed = {LOGITS, *self.teacher_tap.paths}
         cache.verify(self.teacher.reference()["weights_sha256"], self.teacher_cache_fingerprint(data_fingerprint), needed)
+        if cache.views:  # train on the views the teacher saw
+            if not hasattr(datamodule, "replay_views"):
+                raise TeacherCacheError(f"{type(datamodule).__name__} cannot replay the recorded views of teacher cache {cache.path}")
+            datamodule.replay_views(cache.recorded_views())
         return cache
 
     def example_batch(self) -> dict[str, torch.Tensor]:
@@ -320,7 +330,7 @@ class Distiller(Classifier):
         training when one is set, else from a forward pass; the logits mapped onto the student's
         classes (:meth:`map_teacher_logits`) either way."""
         if self._cache is not None and self.training:
-            outputs = self._cache.lookup(batch["index"], batch[self.label_key].device)
+            outputs = self._cache.lookup(batch["index"], batch[self.label_key].device, batch.get("view"))
         else:
             outputs = {LOGITS: self.teacher_forward(batch), **self.teacher_tap.pop()}
         outputs[LOGITS] = self.map_teacher_logits(outputs[LOGITS])

@@ -38,6 +38,13 @@ class ImageFileDataset(Dataset):
     from (seed, epoch, index). A file that cannot be decoded raises :class:`ImageDecodeError`
     naming it, or with ``on_bad_file="skip"`` is left out of its batch (:func:`collate_samples`)
     and its name reported in the batch's ``bad_files`` entry.
+
+    Views of a teacher cache (:mod:`mmkd.core.cache`): with ``record_views`` each item also
+    carries the crop it was cut with (``crop_box``, ``flip``) and its ``view`` (the epoch of its
+    key); with ``replay`` (``{"crop_box": [V, N, 4], "flip": [V, N]}``, a cache's recorded views)
+    epoch ``e`` is cut with view ``e % V``'s recorded crop, and every other random draw
+    (RandAugment, random erasing) is taken with ``e % V`` as the epoch, so the pixels are those
+    the teacher saw when the cache was built.
     """
 
     def __init__(
@@ -54,6 +61,8 @@ class ImageFileDataset(Dataset):
             raise ValueError(f"on_bad_file must be 'raise' or 'skip', got {on_bad_file!r}")
         self.source, self.views, self.train = source, views, train
         self.augment, self.seed, self.on_bad_file, self.draft = augment or Augment(), seed, on_bad_file, draft
+        self.record_views = False
+        self.replay: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -71,11 +80,22 @@ class ImageFileDataset(Dataset):
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         return ImageFileDataset(self.source.subset(indices, labels), self.views, self.train, self.augment, self.seed, self.on_bad_file, self.draft)
 
+    def recording(self) -> "ImageFileDataset":
+        """These samples read augmented, as training reads them, each with the crop it was cut
+        with (what a teacher cache of views records)."""
+        copy = ImageFileDataset(self.source, self.views, True, self.augment, self.seed, self.on_bad_file, self.draft)
+        copy.record_views = True
+        return copy
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        crop = None
+        if self.replay is not None:
+            epoch %= len(self.replay["flip"])
+            crop = (self.replay["crop_box"][epoch, index], self.replay["flip"][epoch, index])
         try:
             with self.source.read(index) as file:
-                views = decode_views(file, self.views, self.train, self.seed, epoch, index, self.augment, self.draft)
+                views, (box, flip) = decode_views(file, self.views, self.train, self.seed, epoch, index, self.augment, self.draft, crop)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             name = self.source.name(index)
             if self.on_bad_file == "skip":
@@ -84,7 +104,12 @@ class ImageFileDataset(Dataset):
                 f"cannot decode image {name} (sample {index}): {type(err).__name__}: {err}. Replace or remove the file, "
                 "or set --data.init_args.on_bad_file=skip to leave such files out (they are counted and logged)"
             ) from None
-        return {**views, "label": int(self.source.labels[index]), "index": index}
+        item = {**views, "label": int(self.source.labels[index]), "index": index}
+        if self.record_views or self.replay is not None:
+            item["view"] = epoch
+        if self.record_views:
+            item.update(crop_box=torch.tensor(box, dtype=torch.float32), flip=flip)
+        return item
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -409,15 +434,32 @@ class ImageFilesDataModule(SplitsDataModule):
         return report_bad_files(self, batch, "an image")
 
     # -- teacher cache -------------------------------------------------------------------------
-    def teacher_cache_loader(self, batch_size: int) -> tuple[DataLoader, dict]:
-        """The training split in index order for a teacher-output cache, and its fingerprint
-        (index, views). Refused with random augmentation (see mmkd.core.cache)."""
-        from mmkd.core.cache import refuse_random_augmentation
+    def teacher_cache_dataset(self, views: int | None = None) -> tuple[Dataset, dict]:
+        """The training split for a teacher cache (see :mod:`mmkd.core.cache`) and its
+        fingerprint (index, views, augmentation). Without ``views`` the split must be read
+        without random augmentation; with ``views`` it is read augmented, keys ``(index, view)``,
+        each item with the crop it was cut with."""
+        from mmkd.core.cache import TeacherCacheError, refuse_random_augmentation
 
-        refuse_random_augmentation(self)
+        if views is None:
+            refuse_random_augmentation(self)
         train = self.splits["train"]
         fingerprint = {
             "data": type(self).__name__, **train.source.fingerprint(),
-            "views": {key: view.as_dict() for key, view in self.views.items()}, "augment": False, "draft": self.draft,
+            "views": {key: view.as_dict() for key, view in self.views.items()}, "draft": self.draft,
+            "augment": dataclasses.asdict(self.augmentation) | {"seed": self.seed} if views else False,
         }  # fmt: skip
-        return self._loader("train", batch_size), fingerprint
+        if views:
+            if not self.augment:
+                raise TeacherCacheError("a cache of augmented views needs the training split augmented: set --data.init_args.augment=true")
+            if self.augmentation.auto_augment:
+                import timm
+
+                fingerprint["timm"] = timm.__version__  # RandAugment's draws are timm's
+            train = train.recording()
+        return train, fingerprint
+
+    def replay_views(self, recorded: dict[str, np.ndarray]) -> None:
+        """Cut the training split with a teacher cache's recorded views from now on (see
+        :class:`ImageFileDataset`)."""
+        self.splits["train"].replay = recorded

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-
 from mmkd.data.common import ImageTensorDataset, InMemoryDataModule, default_data_root
 from mmkd.data.idx import read_idx
 
@@ -141,11 +139,18 @@ class IDXImageDataModule(InMemoryDataModule):
             "test": ImageTensorDataset(test_images, test_labels, **common),
         }  # fmt: skip
 
-    def teacher_cache_loader(self, batch_size: int) -> tuple[DataLoader, dict]:
-        """The training split in index order for a teacher-output cache, and its fingerprint
-        (content, normalisation, transform). Refused with random augmentation (see mmkd.core.cache)."""
-        from mmkd.core.cache import refuse_random_augmentation, tensor_sha256
+    def teacher_cache_dataset(self, views: int | None = None) -> tuple[ImageTensorDataset, dict]:
+        """The training split for a teacher cache (see :mod:`mmkd.core.cache`) and its fingerprint
+        (content, normalisation, transform). Refused with random augmentation, and for cached
+        views: those are recorded by the file data modules."""
+        from mmkd.core.cache import TeacherCacheError, refuse_random_augmentation, tensor_sha256
 
+        if views is not None:
+            raise TeacherCacheError(
+                f"{type(self).__name__} holds its images in memory and cannot record augmented views for a teacher cache: "
+                "write the images to a folder (tools/image_files.py) and read them with mmkd.data.ImageFilesDataModule, "
+                "or build a cache of the unaugmented images (no --views, --data.init_args.augment=false)"
+            )
         refuse_random_augmentation(self)
         train = self.splits["train"]
         fingerprint = {
@@ -153,7 +158,7 @@ class IDXImageDataModule(InMemoryDataModule):
             "train_sha256": tensor_sha256(train.images, train.labels),
             "normalize": [train.mean, train.std], "augment": False,
         }  # fmt: skip
-        return self._loader("train", batch_size), fingerprint
+        return train, fingerprint
 
 
 class FashionMNISTDataModule(IDXImageDataModule):

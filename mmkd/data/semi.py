@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from mmkd.data.common import EpochShuffleSampler, ResumableDataLoader
 
@@ -107,6 +107,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         self.parts: dict[str, Any] = {}
         self._loaders: dict[str, ResumableDataLoader] = {}
         self._positions: dict | None = None
+        self._unlabeled_rows_from: int | None = None  # where the unlabelled part's rows of a teacher cache start
 
     # what models and distillers read from a data module
     num_classes = property(lambda self: self.data.num_classes)
@@ -169,7 +170,33 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         if len(self.parts["unlabeled"]) == 0:
             raise ValueError("the unlabelled part is empty: every training sample is labelled")
 
+    # -- teacher cache: the labelled part's rows, then the unlabelled part's -------------------
+    def teacher_cache_dataset(self, views: int | None = None) -> tuple[Dataset, dict]:
+        """Both parts for a teacher cache of recorded views (see :mod:`mmkd.core.cache`): rows
+        ``0 .. L-1`` the labelled part's samples, ``L ..`` the unlabelled part's, each view drawn
+        as training draws it for that part; the fingerprint is the wrapped module's and the
+        parts'. File data modules only, and with views: semi-supervised training augments."""
+        from mmkd.core.cache import TeacherCacheError
+
+        if views is None:
+            raise TeacherCacheError("semi-supervised training augments both parts: record their views with `mmkd cache --views V`")
+        if not all(hasattr(part, "recording") for part in self.parts.values()) or not hasattr(self.data, "teacher_cache_dataset"):
+            raise TeacherCacheError(f"{type(self.data).__name__} cannot record augmented views for a teacher cache: read the images with mmkd.data.ImageFilesDataModule")
+        _, fingerprint = self.data.teacher_cache_dataset(views)
+        fingerprint["semi_supervised"] = {name: part.source.fingerprint() for name, part in self.parts.items()}
+        return _Rows([self.parts["labeled"].recording(), self.parts["unlabeled"].recording()]), fingerprint
+
+    def replay_views(self, recorded: dict) -> None:
+        """Cut both parts with a cache's recorded views, and give the unlabelled batches their
+        rows of the cache as ``index``."""
+        boundary = len(self.parts["labeled"])
+        self.parts["labeled"].replay = {name: array[:, :boundary] for name, array in recorded.items()}
+        self.parts["unlabeled"].replay = {name: array[:, boundary:] for name, array in recorded.items()}
+        self._unlabeled_rows_from = boundary
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._unlabeled_rows_from is not None and isinstance(batch, dict) and set(batch) == {"labeled", "unlabeled"}:
+            batch["unlabeled"]["index"] = batch["unlabeled"]["index"] + self._unlabeled_rows_from
         hook = getattr(self.data, "on_before_batch_transfer", None)
         if hook is None:
             return batch
@@ -216,3 +243,23 @@ class SemiSupervisedDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.data.predict_dataloader()
+
+
+class _Rows(Dataset):
+    """Datasets one after the other, keys ``(row, view)``; each item's ``index`` is its row."""
+
+    def __init__(self, parts: list[Dataset]) -> None:
+        self.parts, self.starts = parts, [0]
+        for part in parts:
+            self.starts.append(self.starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        row, view = key
+        part = next(i for i in range(len(self.parts)) if row < self.starts[i + 1])
+        item = self.parts[part][(row - self.starts[part], view)]
+        if "index" in item:  # not in an item left out as a bad file
+            item["index"] = row
+        return item

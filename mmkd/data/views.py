@@ -220,23 +220,29 @@ def decode_views(
     index: int,
     augment: Augment,
     draft: bool = True,
-) -> dict[str, torch.Tensor]:
-    """One image file into ``{key: [C, H, W] float}``, one tensor per view, all from one crop box.
+    crop: tuple[Sequence[float], bool] | None = None,
+) -> tuple[dict[str, torch.Tensor], tuple[tuple[float, float, float, float], bool]]:
+    """One image file into ``{key: [C, H, W] float}``, one tensor per view, all from one crop box,
+    and that crop: its box (left, top, right, bottom) in the file's pixels and the flip.
 
-    Training: a RandomResizedCrop box and a flip from (seed, epoch, index); evaluation: the
-    centre-crop box of the first view's ``crop_pct``. With ``draft`` a JPEG is decoded at the
-    largest reduction (1/2, 1/4, 1/8, by libjpeg's DCT scaling) that still leaves the crop at
-    least as large as every view, which is where most of the decoding time goes; the box is
-    scaled to the reduced image. Raises whatever PIL raises for a corrupt or truncated file.
+    Training: a RandomResizedCrop box and a flip from (seed, epoch, index), or the given ``crop``
+    (a view replayed from a teacher cache); evaluation: the centre-crop box of the first view's
+    ``crop_pct``. With ``draft`` a JPEG is decoded at the largest reduction (1/2, 1/4, 1/8, by
+    libjpeg's DCT scaling) that still leaves the crop at least as large as every view, which is
+    where most of the decoding time goes; the box is scaled to the reduced image. Raises whatever
+    PIL raises for a corrupt or truncated file.
     """
     first = next(iter(views.values()))
     with Image.open(file) as image:
         width, height = image.size
-        if train:
+        if crop is not None:
+            box, flip = tuple(float(v) for v in crop[0]), bool(crop[1])
+        elif train:
             box = random_resized_crop_box(width, height, sample_uniforms(seed, epoch, index, 0, 40), augment.scale, augment.ratio)
             flip = sample_uniforms(seed, epoch, index, 1, 1)[0] < augment.hflip
         else:
             box, flip = center_crop_box(width, height, first), False
+        drawn = (box, flip)
         largest_h = max(view.size[0] for view in views.values())
         largest_w = max(view.size[1] for view in views.values())
         if draft and image.format == "JPEG":
@@ -273,7 +279,7 @@ def decode_views(
                 with _seeded(_sample_seed(seed, epoch, index, 3)):  # the same draws for every view
                     tensor = _random_erasing(augment)(tensor)
             out[key] = by_format[form] = tensor
-    return out
+    return out, drawn
 
 
 def _sample_seed(seed: int, epoch: int, index: int, stream: int) -> int:

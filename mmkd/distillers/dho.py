@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from mmkd.core.distiller import TEACHER_VIEW, Distiller
+from mmkd.core.distiller import LOGITS, TEACHER_VIEW, Distiller
 from mmkd.losses import kd_loss
 from mmkd.models.adapter import set_input_normalization
 from mmkd.models.clip import create_clip, zero_shot_weights
@@ -282,8 +282,6 @@ class DHO(Distiller):
     ) -> None:
         if not isinstance(student, DualHeadStudent):
             raise TypeError(f"DHO needs a DualHeadStudent, got {type(student).__name__}")
-        if kwargs.get("teacher_cache"):
-            raise ValueError("DHO augments every batch at random, so a teacher-output cache would be stale; remove teacher_cache")
         super().__init__(student, teacher, **kwargs)
         self.temperature, self.kd_weight, self.loss_lambda = temperature, kd_weight, loss_lambda
         self.single_head, self.separate_forwards = single_head, separate_forwards
@@ -302,11 +300,10 @@ class DHO(Distiller):
         self.test_head_acc = nn.ModuleDict({head: MulticlassAccuracy(self.num_classes, average="micro") for head in ("ce", "kd")})
         self._val_logits: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def setup(self, stage: str) -> None:
-        datamodule = self._trainer.datamodule if self._trainer else None
+    def prepare_teacher(self, datamodule: Any) -> None:
         if datamodule is not None:
             set_input_normalization(self.teacher, datamodule, view=TEACHER_VIEW)
-        super().setup(stage)
+        super().prepare_teacher(datamodule)
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -315,7 +312,8 @@ class DHO(Distiller):
         if self.kd_weight == 0:
             ce_logits, _ = self.student.forward_heads(labeled[self.input_key])
             return self.total_loss({"ce": self.ce_weight * self.ce_loss(ce_logits, labels)}, "train", len(labels))
-        both = {key: torch.cat([labeled[key], unlabeled[key]]) for key in (self.input_key, TEACHER_VIEW) if key in labeled}
+        # index and view: the rows of a teacher cache of recorded views (both heads' KD targets come from it)
+        both = {key: torch.cat([labeled[key], unlabeled[key]]) for key in (self.input_key, TEACHER_VIEW, self.label_key, "index", "view") if key in labeled}
         images = both[self.input_key]
         if self.separate_forwards:  # train_others.py:144-145: BatchNorm normalises each batch by its own statistics
             labeled_heads = self.student.forward_heads(labeled[self.input_key])
@@ -325,7 +323,7 @@ class DHO(Distiller):
             ce_logits, kd_logits = self.student.forward_heads(images)
         if self.single_head:
             kd_logits = ce_logits
-        teacher_logits = self.map_teacher_logits(self.teacher_forward(both))
+        teacher_logits = self.teacher_outputs(both)[LOGITS]
         n = len(labels)
         ce = self.ce_loss(ce_logits[:n], labels)
         kd_labeled = kd_loss(kd_logits[:n], teacher_logits[:n], self.temperature)
