@@ -8,7 +8,7 @@ ifneq ($(wildcard $(SHARED_DATA)/fashion-mnist),)
 export MMKD_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: install demo test test-fast bench-kd bench-kd-short bench-g2sd bench-dho bench-mst bench-losses bench-train bench-data clean
+.PHONY: install demo test test-fast bench-kd bench-kd-short bench-g2sd bench-dho bench-mst bench-losses bench-train bench-vs-torchdistill bench-view-cache bench-data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ bench-losses: install  ## fused losses vs eager / torch.compile, CPU (and CUDA w
 
 bench-train: install  ## KD step samples/s: teacher online vs cached, bf16, channels_last, compile -> bench/train_kd_cpu.json
 	$(PY) tools/bench_train.py
+
+bench-view-cache: install  ## teacher cache of recorded augmented views vs online (speed, ResNet-18/50/152 teachers) and accuracy of compressed caches -> bench/view_cache*.json
+	$(PY) tools/bench_view_cache.py --part speed
+	$(PY) tools/bench_view_cache.py --part accuracy --out bench/view_cache_accuracy.json
+
+bench-vs-torchdistill: install  ## the same KD job in torchdistill 1.1.4 (own venv, from PyPI) and mmkd, interleaved (~5 min) -> bench/vs_torchdistill.json
+	$(PY) tools/bench_vs_torchdistill.py
 
 bench-data: install  ## image files: decode+crop images/s vs torchvision ImageFolder (workers 0/1/2), loader memory 20k vs 1M files (~8 min) -> bench/data_*.json
 	$(PY) tools/bench_data.py

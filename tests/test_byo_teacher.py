@@ -298,6 +298,50 @@ def test_torchvision_teacher_and_student_from_yaml(tmp_path: Path) -> None:
     assert_same_weights(cli.model.teacher.model, teacher_model.state_dict())
 
 
+def test_a_factory_without_a_return_annotation_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many libraries' model factories carry no return annotation (torchdistill's ``resnet20``);
+    jsonargparse refuses them as a class_path, ``mmkd.models.imported_model`` takes them."""
+    (tmp_path / "their_models.py").write_text(
+        "import torchvision\n\ndef narrow_resnet(num_classes=10):\n"
+        "    return torchvision.models.resnet18(num_classes=num_classes)\n\n"
+        "def not_a_model():\n    return 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import their_models
+
+    reference = trained_a_little(their_models.narrow_resnet(num_classes=20))
+    torch.save(reference.state_dict(), tmp_path / "student.pth")
+    student = {"class_path": "mmkd.models.imported_model", "init_args": {
+        "builder": "their_models.narrow_resnet", "model_args": {"num_classes": 20}, "checkpoint": "student.pth"}}  # fmt: skip
+    config = {
+        "trainer": {"logger": False, "enable_checkpointing": False},
+        "model": {"class_path": "mmkd.distillers.KD", "init_args": {"student": student, "teacher": {
+            "class_path": "mmkd.core.Teacher", "init_args": {"model": {"class_path": "mmkd.models.torchvision_model",
+                                                                        "init_args": {"name": "resnet18", "num_classes": 20}}}},
+            "num_classes": 20}},
+        "data": {"class_path": "mmkd.data.FashionMNISTDataModule"},
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cli = lightning_cli(["-c", "config.yaml"], run=False)
+    assert_same_weights(cli.model.student, reference.state_dict())
+    config["model"]["init_args"]["student"] = {"class_path": "their_models.narrow_resnet", "init_args": {"num_classes": 20}}
+    (tmp_path / "class_path.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):  # what imported_model is for
+        lightning_cli(["-c", "class_path.yaml"], run=False)
+
+    from mmkd.models import imported_model
+
+    with pytest.raises(ValueError, match="'their_models' has no 'narow_resnet'; close names: \\['narrow_resnet'\\]"):
+        imported_model("their_models.narow_resnet")
+    with pytest.raises(ValueError, match="cannot import 'no_such_package.models'.*installed"):
+        imported_model("no_such_package.models.resnet")
+    with pytest.raises(ValueError, match="not an import path"):
+        imported_model("resnet20")
+    with pytest.raises(TypeError, match=r"their_models.not_a_model\(\*\*\{\}\) returned a int, not an nn.Module"):
+        imported_model("their_models.not_a_model")
+
+
 def test_readme_example_builds(tmp_path: Path) -> None:
     """The README's "Your own teacher" config, with stand-in weight files at its paths."""
     readme = (REPO / "README.md").read_text()

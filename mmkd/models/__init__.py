@@ -7,11 +7,11 @@ from mmkd.models.detr import DFineDetector, FDRHead
 from mmkd.models.clip import CLIPTrainer, ZeroShotClassifier, create_clip, zero_shot_weights
 from mmkd.models.mae import MAEPretrainer, MaskedAutoencoder, load_mae_encoder, vit_from_mae
 from mmkd.models.ravdess import AudioBranchNet, DualStreamCNN, VisualBranchNet
-from mmkd.models.timm_models import timm_model, torchvision_model
+from mmkd.models.timm_models import imported_model, timm_model, torchvision_model
 from mmkd.models.vit import DistilledViT
 
 __all__ = [
     "AVFusionNet", "AudioCNN", "CLIPTrainer", "DFineDetector", "DistilledViT", "FDRHead", "ImageAdapter", "LeNet5", "MAEPretrainer", "MaskedAutoencoder", "ZeroShotClassifier",
     "AudioBranchNet", "DualStreamCNN", "VisualBranchNet",
-    "create_clip", "load_mae_encoder", "timm_model", "torchvision_model", "vit_from_mae", "zero_shot_weights",
+    "create_clip", "imported_model", "load_mae_encoder", "timm_model", "torchvision_model", "vit_from_mae", "zero_shot_weights",
 ]  # fmt: skip

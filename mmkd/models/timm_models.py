@@ -1,8 +1,10 @@
-"""timm and torchvision models by name, with optional local weights."""
+"""timm and torchvision models by name, and any model by the import path of its builder, with
+optional local weights."""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 import timm
@@ -80,6 +82,45 @@ def torchvision_model(
         near = difflib.get_close_matches(name, names, n=5)
         raise ValueError(f"unknown torchvision classification model {name!r}; close names: {near}")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **(model_args or {}))
+    if checkpoint:
+        load_weights(model, checkpoint, checkpoint_prefix, drop_head=checkpoint_drop_head)
+    return model
+
+
+def imported_model(
+    builder: str,
+    model_args: dict[str, Any] | None = None,
+    checkpoint: str | None = None,
+    checkpoint_drop_head: bool = False,
+    checkpoint_prefix: str | None = None,
+) -> nn.Module:
+    """The model that ``builder(**model_args)`` returns, plus optional local weights.
+
+    ``class_path`` alone takes a class or a factory whose return annotation is an ``nn.Module``;
+    many libraries' factories have none (torchdistill's ``resnet20``, for one), which jsonargparse
+    refuses. This takes any callable by its import path and checks what it returns.
+
+    Args:
+        builder: ``"package.module.name"`` of a class or function, e.g.
+            ``"torchdistill.models.classification.resnet.resnet20"``.
+        model_args: its keyword arguments, e.g. ``{"num_classes": 10}``.
+        checkpoint: local weights, in any form :func:`timm_model` reads.
+        checkpoint_drop_head: load everything but the classifier (the model's last ``nn.Linear``).
+        checkpoint_prefix: load only the file's keys under this prefix, stripped of it.
+    """
+    module_name, _, attribute = builder.rpartition(".")
+    if not module_name:
+        raise ValueError(f"builder {builder!r} is not an import path: write it as 'package.module.name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import {module_name!r} for the builder {builder!r}: {error}; is its package installed?") from error
+    if not hasattr(module, attribute):
+        near = difflib.get_close_matches(attribute, [n for n in dir(module) if not n.startswith("_")], n=5)
+        raise ValueError(f"{module_name!r} has no {attribute!r}; close names: {near}")
+    model = getattr(module, attribute)(**(model_args or {}))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{builder}(**{model_args or {}}) returned a {type(model).__name__}, not an nn.Module")
     if checkpoint:
         load_weights(model, checkpoint, checkpoint_prefix, drop_head=checkpoint_drop_head)
     return model
