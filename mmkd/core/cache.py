@@ -50,7 +50,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-
 import numpy as np
 import torch
 
