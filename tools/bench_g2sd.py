@@ -6,8 +6,10 @@ alone, and G2SD (generic + specific), on several seeds.
     python tools/bench_g2sd.py --seeds 0 --mae-epochs 2 --generic-epochs 2 --epochs 2   # a quick look
 
 The teacher (MAE pre-training, then fine-tuning) is trained once, with seed 0. For each seed the
-three students share the data order and the specific-stage schedule (configs/g2sd/specific.yaml):
-  vit_alone      configs/g2sd/vit_alone.yaml: labels only, same mixup/cutmix and optimiser
+three students share the data order and the number of epochs of the specific stage
+(configs/g2sd/specific.yaml):
+  vit_alone      configs/g2sd/vit_alone.yaml: labels only, same mixup/cutmix and optimiser, without
+                 the specific stage's RandAugment, erasing, warm-up from 0 and min_lr
   specific_only  G2SD's specific stage from a random init (no layer decay: nothing to preserve)
   g2sd           the generic stage (configs/g2sd/generic.yaml), then the specific stage from it
 Each run keeps its result in <workdir>/.../result.json, so an interrupted benchmark resumes.
