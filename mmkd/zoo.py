@@ -13,7 +13,6 @@ the cache only complete and verified (written by an atomic rename).
 from __future__ import annotations
 
 import http.client
-import importlib
 import json
 import os
 import urllib.error
@@ -24,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from mmkd.core.checkpoint import sha256_file
+from mmkd.core.imports import import_object
 
 REPO_ZOO = Path(__file__).resolve().parents[1] / "model_zoo"
 
@@ -139,8 +139,7 @@ def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
 def build(spec: Any) -> Any:
     """Instantiate a ``{"class_path", "init_args"}`` spec (nested specs first), as a config would."""
     if isinstance(spec, dict) and "class_path" in spec:
-        module_name, _, attribute = spec["class_path"].rpartition(".")
-        factory = getattr(importlib.import_module(module_name), attribute)
+        factory = import_object(spec["class_path"], "class_path")
         return factory(**{key: build(value) for key, value in spec.get("init_args", {}).items()})
     if isinstance(spec, list):
         return [build(value) for value in spec]

@@ -242,10 +242,9 @@ def main() -> None:
         rounds = " ".join(f"{r:.2f}" for r in row["vs_torchdistill_per_round"])
         print(f"{name:<26}{row['samples_per_second_median']:>10.1f}{row['vs_torchdistill']:>16.2f}x  {rounds:<20}{row['peak_rss_mib_median']:>12.0f}")
     torch.set_num_threads(args.threads)
-    cpu_flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
-    record = {"cpu": cpu, "cpu_bf16": "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags, "benchmark": "mmkd vs torchdistill, KD ResNet-18 -> ResNet-20 at 32 px, batch 128", "command": "python " + " ".join(sys.argv),
-              "torchdistill": TORCHDISTILL, "summary": summary, "machine": machine_info(load_before), "wall_seconds": time.time() - started}  # fmt: skip
+    machine = machine_info(load_before)
+    record = {"cpu": machine["cpu"], "cpu_bf16": machine["cpu_bf16"], "benchmark": "mmkd vs torchdistill, KD ResNet-18 -> ResNet-20 at 32 px, batch 128", "command": "python " + " ".join(sys.argv),
+              "torchdistill": TORCHDISTILL, "summary": summary, "machine": machine, "wall_seconds": time.time() - started}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

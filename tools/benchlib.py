@@ -19,10 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def machine_info(load_before: tuple[float, float, float]) -> dict:
-    """Platform, versions, thread count, CPUs, the GPU if any, and the load average before and after the run."""
+    """Platform, versions, thread count, CPUs (model and whether it has bf16 instructions), the GPU if
+    any, and the load average before and after the run."""
+    cpu, cpu_flags = None, []
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu is None:
+                cpu = value.strip()
+            elif key.strip() == "flags" and not cpu_flags:
+                cpu_flags = value.split()
     return {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "cpu": cpu, "cpu_bf16": "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }  # fmt: skip

@@ -4,13 +4,13 @@ optional local weights."""
 from __future__ import annotations
 
 import difflib
-import importlib
 from typing import Any
 
 import timm
 from torch import nn
 
 from mmkd.core.checkpoint import load_weights
+from mmkd.core.imports import import_object
 
 
 def timm_model(
@@ -108,17 +108,7 @@ def imported_model(
         checkpoint_drop_head: load everything but the classifier (the model's last ``nn.Linear``).
         checkpoint_prefix: load only the file's keys under this prefix, stripped of it.
     """
-    module_name, _, attribute = builder.rpartition(".")
-    if not module_name:
-        raise ValueError(f"builder {builder!r} is not an import path: write it as 'package.module.name'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import {module_name!r} for the builder {builder!r}: {error}; is its package installed?") from error
-    if not hasattr(module, attribute):
-        near = difflib.get_close_matches(attribute, [n for n in dir(module) if not n.startswith("_")], n=5)
-        raise ValueError(f"{module_name!r} has no {attribute!r}; close names: {near}")
-    model = getattr(module, attribute)(**(model_args or {}))
+    model = import_object(builder, "builder")(**(model_args or {}))
     if not isinstance(model, nn.Module):
         raise TypeError(f"{builder}(**{model_args or {}}) returned a {type(model).__name__}, not an nn.Module")
     if checkpoint:
