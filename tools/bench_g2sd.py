@@ -6,12 +6,14 @@ alone, and G2SD (generic + specific), on several seeds.
     python tools/bench_g2sd.py --seeds 0 --mae-epochs 2 --generic-epochs 2 --epochs 2   # a quick look
 
 The teacher (MAE pre-training, then fine-tuning) is trained once, with seed 0. For each seed the
-three students share the data order and the number of epochs of the specific stage
+three students share the data order, the augmentation (RandAugment, erasing, mixup/cutmix), the
+optimiser, the lr schedule and the number of epochs of the specific stage
 (configs/g2sd/specific.yaml):
-  vit_alone      configs/g2sd/vit_alone.yaml: labels only, same mixup/cutmix and optimiser, without
-                 the specific stage's RandAugment, erasing, warm-up from 0 and min_lr
+  vit_alone      configs/g2sd/vit_alone.yaml: labels only
   specific_only  G2SD's specific stage from a random init (no layer decay: nothing to preserve)
   g2sd           the generic stage (configs/g2sd/generic.yaml), then the specific stage from it
+With --ablate-augmentation, the ViT alone and G2SD also run without RandAugment and erasing
+(vit_alone_no_randaug, g2sd_no_randaug): what the specific stage's augmentation does to each.
 Each run keeps its result in <workdir>/.../result.json, so an interrupted benchmark resumes.
 """
 
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=None, help="teacher fine-tuning")
     parser.add_argument("--generic-epochs", type=int, default=None, help="G2SD generic stage")
     parser.add_argument("--epochs", type=int, default=None, help="the three students' supervised / specific stage")
+    parser.add_argument("--ablate-augmentation", action="store_true",
+                        help="also the ViT alone and G2SD without RandAugment and random erasing (mixup/cutmix kept)")  # fmt: skip
     args = parser.parse_args()
     work, shared = args.workdir, shared_overrides(args)
 
@@ -61,6 +65,13 @@ def main() -> None:
         results.setdefault("g2sd", []).append(
             run("g2sd", "specific.yaml", f"{seed_dir}/g2sd", seed, args.epochs, [teacher_arg, f"{student_init}={seed_dir}/generic/last.ckpt"])
         )
+        if args.ablate_augmentation:
+            no_augment = ["--data.init_args.auto_augment=null", "--data.init_args.re_prob=0"]
+            results.setdefault("vit_alone_no_randaug", []).append(
+                run("vit_alone_no_randaug", "vit_alone.yaml", f"{seed_dir}/vit_alone_no_randaug", seed, args.epochs, no_augment))
+            results.setdefault("g2sd_no_randaug", []).append(
+                run("g2sd_no_randaug", "specific.yaml", f"{seed_dir}/g2sd_no_randaug", seed, args.epochs,
+                    [teacher_arg, f"{student_init}={seed_dir}/generic/last.ckpt", *no_augment]))  # fmt: skip
 
     report("G2SD on Fashion-MNIST (test split, final weights)", results, args.seeds, started, load_before, args.out, "vit_alone",
            pretraining={"mae": mae, "generic": generic})
