@@ -34,8 +34,8 @@ bench-kd: install  ## KD, DKD, FitNets vs student alone, 8 epochs, 3 seeds (~80 
 bench-kd-short: install  ## the demo's 4-epoch schedule, all five distillers, 2 seeds -> bench/kd_fmnist.json
 	$(PY) tools/bench_kd.py --methods kd dkd fitnets at rkd
 
-bench-g2sd: install  ## G2SD: MAE teacher, ViT alone, specific stage only, generic + specific; 2 seeds (~70 min) -> bench/g2sd_fmnist.json
-	$(PY) tools/bench_g2sd.py --seeds 0 1
+bench-g2sd: install  ## G2SD: MAE teacher, ViT alone, specific stage only, generic + specific, and the two without RandAugment; 2 seeds (~40 min) -> bench/g2sd_fmnist.json
+	$(PY) tools/bench_g2sd.py --seeds 0 1 --ablate-augmentation
 
 bench-dho: install  ## DHO: CLIP teacher, CE only, single-head KD, DHO fixed/searched mix; 1 % and 10 % labels, 2 seeds (~60 min) -> bench/dho_fmnist_*pct.json
 	$(PY) tools/bench_dho.py --seeds 0 1
