@@ -4,7 +4,7 @@ baseline, +FDR, and +FDR+GO-LSD (the paper's 53.0 -> 53.8 -> 54.5 AP on COCO), s
     python tools/bench_dfine.py                       # the README's table: CPU-scale config, seeds 0 1
     python tools/bench_dfine.py --config configs/dfine/fmnist_det.yaml --jobs 6   # the full recipe, six runs at once (a GPU)
     python tools/bench_dfine.py --seeds 0 --epochs 1  # a quick look
-    python tools/bench_dfine.py --seeds 0 --variants fdr_golsd fdr_golsd_no_cdn --out bench/dfine_cdn.json   # with and without CDN
+    python tools/bench_dfine.py --seeds 0 --variants fdr_golsd fdr_golsd_no_cdn --out bench/dfine_cdn.json   # with and without CDN (31 min)
 
 The data set is composed first when --data does not hold it (tools/compose_detection.py, its
 default sizes and seed 0); the seed of a run is its training seed. Each run keeps its result in
