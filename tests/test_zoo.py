@@ -166,7 +166,6 @@ def test_missing_file_and_unreachable_server_are_clear_errors(server: str, stude
         zoo.info("tinny")
 
 
-
 def test_build_names_a_bad_class_path():
     """A manifest's evaluation-data spec with a mistyped class_path: the error names the module and
     the close names, as a config's would (not a bare AttributeError)."""
@@ -174,6 +173,7 @@ def test_build_names_a_bad_class_path():
         zoo.build({"class_path": "mmkd.data.FashionMNISTDataModul", "init_args": {}})
     with pytest.raises(ValueError, match="cannot import 'mmdk.data' for the class_path"):
         zoo.build({"class_path": "mmdk.data.FashionMNISTDataModule"})
+
 
 class Payload:
     def __reduce__(self):

@@ -242,9 +242,8 @@ def main() -> None:
         rounds = " ".join(f"{r:.2f}" for r in row["vs_torchdistill_per_round"])
         print(f"{name:<26}{row['samples_per_second_median']:>10.1f}{row['vs_torchdistill']:>16.2f}x  {rounds:<20}{row['peak_rss_mib_median']:>12.0f}")
     torch.set_num_threads(args.threads)
-    machine = machine_info(load_before)
-    record = {"cpu": machine["cpu"], "cpu_bf16": machine["cpu_bf16"], "benchmark": "mmkd vs torchdistill, KD ResNet-18 -> ResNet-20 at 32 px, batch 128", "command": "python " + " ".join(sys.argv),
-              "torchdistill": TORCHDISTILL, "summary": summary, "machine": machine, "wall_seconds": time.time() - started}  # fmt: skip
+    record = {"benchmark": "mmkd vs torchdistill, KD ResNet-18 -> ResNet-20 at 32 px, batch 128", "command": "python " + " ".join(sys.argv),
+              "torchdistill": TORCHDISTILL, "summary": summary, "machine": machine_info(load_before), "wall_seconds": time.time() - started}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
