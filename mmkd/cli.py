@@ -60,8 +60,10 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True, predict_w
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    import mmkd.strategies  # noqa: F401  (registers --trainer.strategy=fsdp2)
+    import mmkd.strategies  # registers --trainer.strategy=fsdp2
     from mmkd.core.checkpoint import AtomicCheckpointIO
+
+    mmkd.strategies.explain_dead_processes()
 
     class MMKDCLI(LightningCLI):
         def instantiate_classes(self) -> None:

@@ -4,9 +4,12 @@ is :class:`FSDP2`, registered here under that name."""
 from __future__ import annotations
 
 import re
+import signal
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from lightning.fabric.strategies.launchers import subprocess_script
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
@@ -60,6 +63,38 @@ def shard_units(root: nn.Module) -> Iterator[nn.Module]:
     for name, module in reversed(list(root.named_modules())):
         if SHARD_UNIT.search(name):
             yield module
+
+
+def dead_process_message(local_rank: int, pid: int, returncode: int) -> str:
+    """What mmkd prints when a training process that Lightning launched has died."""
+    if returncode < 0:
+        how = f"was killed by {signal.Signals(-returncode).name}"
+        if -returncode == signal.SIGKILL:
+            how += " (the kernel's out-of-memory killer sends it: check `dmesg` or the job's memory limit)"
+    else:
+        how = f"exited with code {returncode} (its error is printed above)"
+    return (
+        f"mmkd: error: training process {local_rank} on this machine (PID {pid}) {how}; stopping the other training "
+        "processes. Restart all of them with --ckpt_path=last to resume from the last checkpoint."
+    )
+
+
+class ExplainingChildObserver(subprocess_script._ChildProcessObserver):
+    """Lightning's watcher of the training processes it launched (``ddp``, ``fsdp2``), which SIGKILLs
+    them all, itself included, when one exits with an error. This one first says which process
+    died and how: Lightning only logs that at INFO level, and its SIGKILL often lands before the
+    surviving process can report the failed collective (see :func:`mmkd.cli.main`)."""
+
+    def _terminate_all(self) -> None:
+        for local_rank, process in enumerate(self._child_processes, start=1):
+            if process.returncode:
+                print(dead_process_message(local_rank, process.pid, process.returncode), file=sys.stderr, flush=True)
+        super()._terminate_all()
+
+
+def explain_dead_processes() -> None:
+    """Make Lightning's process launcher use :class:`ExplainingChildObserver` (the CLI calls this)."""
+    subprocess_script._ChildProcessObserver = ExplainingChildObserver
 
 
 if "fsdp2" not in StrategyRegistry:

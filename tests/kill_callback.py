@@ -3,17 +3,22 @@ fault-tolerance test; loaded by `mmkd fit` through PYTHONPATH)."""
 
 import os
 import signal
+import time
 
 from lightning.pytorch.callbacks import Callback
 
 
 class KillAtStep(Callback):
-    def __init__(self, step: int, rank: int = 0) -> None:
-        self.step, self.rank = step, rank
+    """``stall_seconds``: how long the other processes wait at that step before their next collective."""
+
+    def __init__(self, step: int, rank: int = 0, stall_seconds: float = 0.0) -> None:
+        self.step, self.rank, self.stall_seconds = step, rank, stall_seconds
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), signal.SIGKILL)
+        elif trainer.global_step == self.step:
+            time.sleep(self.stall_seconds)
 
 
 class KillDuringSave(Callback):
