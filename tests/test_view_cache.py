@@ -18,6 +18,8 @@ import torch
 
 from mmkd.cli import lightning_cli, main
 from mmkd.core import TeacherCache, TeacherCacheError
+from mmkd.data.files import ImageFileDataset
+from mmkd.data.mixing import SampleMixup
 from mmkd.data.views import random_resized_crop_box, sample_uniforms
 
 from conftest import CONFIGS, REPO, SHORT
@@ -120,6 +122,69 @@ def test_a_view_cache_of_another_recipe_or_data_is_refused(folder: Path, teacher
         main(["cache", "-c", KD, "--out", "zero", "--views", "0", *files_data(folder)])
     with pytest.raises(TeacherCacheError, match="holds 2 recorded views per sample, but the batch does not say which view"):
         cache.lookup(torch.tensor([0, 1]))
+
+
+MIX = '--data.init_args.mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}'
+
+
+def test_mixed_views_are_recorded_replayed_and_the_kd_step_from_them_equals_the_online_step(folder: Path, teacher_in_place: Path) -> None:
+    main(["cache", "-c", KD, "--out", "mixed", "--views", "2", *files_data(folder, MIX)])
+    cache = TeacherCache("mixed")
+    recorded = cache.recorded_views()
+    assert recorded["mix_partner"].shape == (2, 48) and recorded["mix_params"].shape == (2, 48, 4)
+    mixing = SampleMixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    for view, index in [(0, 0), (1, 7), (1, 47)]:  # each view's partner and draw are those of (seed 0, epoch = view, index)
+        partner, params = mixing.draw(0, view, index, 48)
+        assert recorded["mix_partner"][view, index] == partner
+        np.testing.assert_array_equal(recorded["mix_params"][view, index], params)
+    assert 0 < recorded["mix_params"][..., 1].mean() < 1  # both CutMix and mixup views
+
+    cli = lightning_cli(["-c", KD, *files_data(folder, MIX), "--model.init_args.teacher_cache=mixed"], run=False)
+    L.Trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=0, logger=False, enable_checkpointing=False).fit(cli.model, datamodule=cli.datamodule)
+    train = cli.datamodule.splits["train"]
+    plain = ImageFileDataset(train.source, train.views, True, train.augment, train.seed)  # the same draws, nothing mixed
+    teacher = cli.model.teacher.eval()
+    for epoch, index in [(3, 7), (2, 47)]:  # epoch e replays view e % 2: the sample's crop mixed with its partner's
+        replayed, view = train[(index, epoch)], epoch % 2
+        partner = int(recorded["mix_partner"][view, index])
+        mixed, ratio = mixing.mix({"image": plain[(index, view)]["image"]}, {"image": plain[(partner, view)]["image"]}, recorded["mix_params"][view, index])
+        torch.testing.assert_close(replayed["image"], mixed["image"], rtol=0, atol=0)
+        torch.testing.assert_close(replayed["mix_target"], mixing.target(plain[index]["label"], plain[partner]["label"], ratio, 10), rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(cache.lookup(torch.tensor([index]), views=torch.tensor([view]))["logits"], teacher(replayed["image"][None]), rtol=1e-5, atol=1e-5)
+
+    # all 10 logits in float32: the cached KD step is the online one on the replayed mixed views to 1e-6
+    compare = CompareOnline()
+    cli = lightning_cli(["-c", KD, *files_data(folder, MIX), *SHORT, "--trainer.max_epochs=2", "--model.init_args.teacher_cache=mixed"], run=False)
+    cli.trainer.callbacks.append(compare)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert [views for _, _, views in compare.pairs] == [[0]] * 3 + [[1]] * 3
+    for cached, online, _ in compare.pairs:
+        for name in ("ce", "kd"):
+            torch.testing.assert_close(cached[name], online[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_g2sd_specific_trains_from_a_cache_of_mixed_views(folder: Path, capsys) -> None:
+    from conftest import one_error
+
+    for stage in ("g2sd/mae_pretrain.yaml", "g2sd/teacher_finetune.yaml"):  # the teacher, by the shipped recipe (a few steps)
+        lightning_cli(["fit", "-c", str(CONFIGS / stage), *SHORT])
+    specific = ["-c", str(CONFIGS / "g2sd/specific.yaml"), *files_data(folder, MIX, "--data.init_args.auto_augment=rand-m9-mstd0.5-inc1",
+                "--data.init_args.re_prob=0.25"), "--model.init_args.student.init_args.encoder_checkpoint=null"]  # fmt: skip
+    assert "both model.init_args.mixup and data.init_args.mixup" in one_error(capsys, ["cache", *specific, "--out", "g2sd_views", "--views", "2"])
+    specific.append("--model.init_args.mixup=null")
+    main(["cache", *specific, "--out", "g2sd_views", "--views", "2"])
+    assert "mix in the data module instead" in one_error(capsys, ["fit", *specific[:-1], *SHORT, "--model.init_args.teacher_cache=g2sd_views"])
+    compare = CompareOnline()
+    cli = lightning_cli([*specific, *SHORT, "--trainer.max_epochs=2", "--model.init_args.teacher_cache=g2sd_views"], run=False)
+    cli.trainer.callbacks.append(compare)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 6 and [views for _, _, views in compare.pairs] == [[0]] * 3 + [[1]] * 3
+    for cached, online, _ in compare.pairs:  # the distillation head's CE against the argmax of the same teacher logits
+        assert cached.keys() == {"ce", "dist"}
+        for name in cached:
+            torch.testing.assert_close(cached[name], online[name], rtol=1e-6, atol=1e-6)
 
 
 class CompareDHOTeacher(L.Callback):

@@ -15,8 +15,11 @@ Two kinds, one format:
   are functions of (seed, epoch, index) in mmkd's data modules), so student and teacher see
   the same pixels, the consistent-teaching rule of Beyer et al. (CVPR 2022). ``V`` equal to the
   number of epochs gives each epoch its own views; fewer views are a pool cycled over epochs.
-  Batch-level mixing (mixup, CutMix) depends on which samples share a batch and is not
-  recorded: the distillers that mix (G2SD's specific stage) refuse a cache.
+  Mixup and CutMix are recorded when the data module mixes single samples
+  (``--data.init_args.mixup``, :mod:`mmkd.data.mixing`): each view's partner and draw (ratio,
+  CutMix or not, box centre) are stored too, and the teacher's outputs are those of the mixed
+  view. A model's ``mixup`` (timm's, on the batch) depends on which samples share a batch and
+  cannot be recorded: with a cache it is an error.
 
 A data module declares its training split through ``teacher_cache_dataset(views)``: the
 dataset (keys ``index``, or ``(index, view)`` with views) and a fingerprint of its content,
@@ -54,6 +57,7 @@ import numpy as np
 import torch
 
 from mmkd.core.checkpoint import remove_path, restore_swapped_out, swap_in
+from mmkd.data.mixing import MIX_PARAMS, MIX_PARTNER
 
 CACHE_VERSION = 2  # 2: rows of (view, sample), a mask of written rows; 1 (fixed inputs only) is read too
 LOGITS = "logits"  # same key as mmkd.core.distiller.LOGITS (not imported: that module imports this one)
@@ -158,10 +162,12 @@ class TeacherCache:
 
     def recorded_views(self) -> dict[str, np.ndarray]:
         """The crop of every recorded view: ``crop_box`` [V, N, 4] (left, top, right, bottom in the
-        image file's pixels) and ``flip`` [V, N], memory-mapped (what a data module replays)."""
+        image file's pixels) and ``flip`` [V, N], and where samples were mixed ``mix_partner``
+        [V, N] and ``mix_params`` [V, N, 4], memory-mapped (what a data module replays)."""
         if not self.views:
             raise TeacherCacheError(f"teacher cache {self.path} holds fixed inputs, no recorded views")
-        return {name: self.arrays[name].reshape(self.views, len(self), *self.arrays[name].shape[1:]) for name in (CROP_BOX, FLIP)}
+        names = [name for name in (CROP_BOX, FLIP, MIX_PARTNER, MIX_PARAMS) if name in self.arrays]
+        return {name: self.arrays[name].reshape(self.views, len(self), *self.arrays[name].shape[1:]) for name in names}
 
     def lookup(self, indices: torch.Tensor, device: torch.device | str = "cpu", views: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Teacher outputs of the samples ``indices`` (in their recorded ``views`` for a cache of
@@ -333,6 +339,7 @@ def build_teacher_cache(
         raise TeacherCacheError(f"{type(datamodule).__name__} does not declare teacher_cache_dataset(); it cannot be cached")
     if hasattr(datamodule, "views_for"):  # a file data module: each model's view, as in training
         datamodule.views_for(distiller)
+    distiller.check_training_data(datamodule)
     datamodule.prepare_data()
     datamodule.setup("fit")
     distiller.prepare_teacher(datamodule)  # the teacher's input as training makes it (normalisation, adapter)
@@ -386,6 +393,9 @@ def build_teacher_cache(
             if views:
                 part[CROP_BOX] = batch[CROP_BOX].cpu().numpy().astype(np.float32)
                 part[FLIP] = batch[FLIP].cpu().numpy().astype(np.uint8)
+                if MIX_PARTNER in batch:
+                    part[MIX_PARTNER] = batch[MIX_PARTNER].cpu().numpy().astype(np.int64)
+                    part[MIX_PARAMS] = batch[MIX_PARAMS].cpu().numpy().astype(np.float32)
             if not size_said:
                 print(_size_line(part, len(indices), num_rows, num_samples, views), flush=True)
                 size_said = True

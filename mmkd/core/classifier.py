@@ -17,6 +17,8 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mmkd.data.mixing import MIX_TARGET
+
 
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
@@ -273,6 +275,9 @@ class Classifier(TrainingModule):
         label_smoothing: for the cross-entropy (with ``mixup``, set it there instead).
         mixup: keyword arguments of ``timm.data.Mixup`` (``mixup_alpha``, ``cutmix_alpha``,
             ``label_smoothing``, ...) to mix training batches; the loss becomes soft-target CE.
+            A data module that mixes single samples instead (``ImageFilesDataModule``'s
+            ``mixup``, which a teacher cache can record) gives its soft targets in the batch
+            (``mix_target``), and the training losses take those.
         channels_last: keep the model (and a distiller's teacher) and the 4-D inputs in NHWC
             memory format.
         compile_model: ``nn.Module.compile()`` the model (state-dict keys unchanged).
@@ -316,11 +321,20 @@ class Classifier(TrainingModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self._trainer.datamodule if self._trainer else None
-        if stage != "fit" or datamodule is None:
-            return
+        if stage == "fit" and datamodule is not None:
+            self.check_training_data(datamodule)
+
+    def check_training_data(self, datamodule: Any) -> None:
+        """Raise :class:`DataMismatchError` when ``datamodule``'s training batches are not what this
+        module trains on (also run by ``mmkd cache``, which has no trainer)."""
         # data modules declare their batches (``semi_supervised``); the core imports none of them
         name, data = type(self).__name__, type(datamodule).__name__
         semi_supervised = getattr(datamodule, "semi_supervised", False)
+        if self.mixup is not None and getattr(datamodule, "mixup", None) is not None:
+            raise DataMismatchError(
+                f"both model.init_args.mixup and data.init_args.mixup ({data}) mix the training samples: keep one "
+                "(the data module's, to train from a teacher cache of views)"
+            )
         if self.semi_supervised_batches and not semi_supervised:
             raise DataMismatchError(
                 f"{name} trains on labelled + unlabelled batches, but {data} gives labelled batches only: wrap it in "
@@ -352,6 +366,11 @@ class Classifier(TrainingModule):
         """Cross-entropy against class indices or (mixed) class probabilities."""
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
+    def training_targets(self, batch: dict) -> torch.Tensor:
+        """What the training CE takes: the data module's mixed soft targets where it mixes
+        samples, else the class indices."""
+        return batch[MIX_TARGET] if MIX_TARGET in batch else batch[self.label_key]
+
     def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup/CutMix of a training batch when ``mixup`` is set: mixed images and soft targets.
         timm mixes a batch with its reverse, which needs an even size: an odd batch loses its
@@ -364,7 +383,7 @@ class Classifier(TrainingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.mixup is None:
-            inputs, targets = self.model_inputs(batch), batch[self.label_key]
+            inputs, targets = self.model_inputs(batch), self.training_targets(batch)
         else:
             images, targets = self.mix(batch[self.input_key], batch[self.label_key])
             inputs = (images,)

@@ -344,7 +344,7 @@ class Distiller(Classifier):
         labels = batch[self.label_key]
         student = {LOGITS: self.model(*self.model_inputs(batch)), **self.student_tap.pop()}
         teacher = self.teacher_outputs(batch)
-        losses = {"ce": self.ce_weight * self.ce_loss(student[LOGITS], labels)} if self.ce_weight else {}
+        losses = {"ce": self.ce_weight * self.ce_loss(student[LOGITS], self.training_targets(batch))} if self.ce_weight else {}
         for name, term in self.terms.items():
             value = term(student[term.student_source], teacher[term.teacher_source], labels)
             losses[name] = value * self.term_scale(name)

@@ -20,6 +20,7 @@ from mmkd.data.sources import (
     UNLABELED, DataSourceError, FileSource, ImageSource, StringArena, expand_shards, file_list, hf_source, hf_splits,
     image_folder, is_hf_dataset, is_image_file, scan_folder, tar_shards,
 )  # fmt: skip
+from mmkd.data.mixing import MIX_PARAMS, MIX_PARTNER, MIX_TARGET, SampleMixup
 from mmkd.data.views import Augment, ViewSpec, decode_views, view_spec
 
 BAD_FILES = "bad_files"  # batch entry: names of the samples a skipping loader left out
@@ -56,11 +57,16 @@ class ImageFileDataset(Dataset):
         seed: int = 0,
         on_bad_file: str = "raise",
         draft: bool = True,
+        mixup: SampleMixup | None = None,
+        num_classes: int | None = None,
     ) -> None:
         if on_bad_file not in ("raise", "skip"):
             raise ValueError(f"on_bad_file must be 'raise' or 'skip', got {on_bad_file!r}")
+        if mixup is not None and not num_classes:
+            raise ValueError("mixing samples needs num_classes, for the mixed targets")
         self.source, self.views, self.train = source, views, train
         self.augment, self.seed, self.on_bad_file, self.draft = augment or Augment(), seed, on_bad_file, draft
+        self.mixup, self.num_classes = mixup, num_classes
         self.record_views = False
         self.replay: dict[str, np.ndarray] | None = None
 
@@ -78,38 +84,59 @@ class ImageFileDataset(Dataset):
         """The samples at ``indices`` (re-indexed from 0), with other ``labels`` if given."""
         indices = np.asarray(indices, dtype=np.int64)
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        return ImageFileDataset(self.source.subset(indices, labels), self.views, self.train, self.augment, self.seed, self.on_bad_file, self.draft)
+        return ImageFileDataset(self.source.subset(indices, labels), self.views, self.train, self.augment, self.seed, self.on_bad_file, self.draft,
+                                self.mixup, self.num_classes)  # fmt: skip
 
     def recording(self) -> "ImageFileDataset":
         """These samples read augmented, as training reads them, each with the crop it was cut
         with (what a teacher cache of views records)."""
-        copy = ImageFileDataset(self.source, self.views, True, self.augment, self.seed, self.on_bad_file, self.draft)
+        copy = ImageFileDataset(self.source, self.views, True, self.augment, self.seed, self.on_bad_file, self.draft, self.mixup, self.num_classes)
         copy.record_views = True
         return copy
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        crop = None
         if self.replay is not None:
             epoch %= len(self.replay["flip"])
-            crop = (self.replay["crop_box"][epoch, index], self.replay["flip"][epoch, index])
+        mixing = self.mixup is not None and self.train
+        decoding = index
         try:
-            with self.source.read(index) as file:
-                views, (box, flip) = decode_views(file, self.views, self.train, self.seed, epoch, index, self.augment, self.draft, crop)
+            views, (box, flip) = self._decode(index, epoch)
+            if mixing:
+                if self.replay is not None:
+                    partner, params = int(self.replay[MIX_PARTNER][epoch, index]), np.asarray(self.replay[MIX_PARAMS][epoch, index])
+                else:
+                    partner, params = self.mixup.draw(self.seed, epoch, index, len(self))
+                ratio = 1.0
+                if params[0] < 1.0:  # mixed (a ratio of 1 is a sample left as it is)
+                    decoding = partner
+                    views, ratio = self.mixup.mix(views, self._decode(partner, epoch)[0], params)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            name = self.source.name(index)
+            name = self.source.name(decoding)
             if self.on_bad_file == "skip":
                 return {BAD_FILES: f"{name} ({type(err).__name__}: {err})"}
+            partner_of = f", the mixing partner of sample {index}" if decoding != index else ""
             raise ImageDecodeError(
-                f"cannot decode image {name} (sample {index}): {type(err).__name__}: {err}. Replace or remove the file, "
+                f"cannot decode image {name} (sample {decoding}{partner_of}): {type(err).__name__}: {err}. Replace or remove the file, "
                 "or set --data.init_args.on_bad_file=skip to leave such files out (they are counted and logged)"
             ) from None
-        item = {**views, "label": int(self.source.labels[index]), "index": index}
+        label = int(self.source.labels[index])
+        item = {**views, "label": label, "index": index}
+        if mixing:
+            item[MIX_TARGET] = self.mixup.target(label, int(self.source.labels[partner]), ratio, self.num_classes)
         if self.record_views or self.replay is not None:
             item["view"] = epoch
         if self.record_views:
             item.update(crop_box=torch.tensor(box, dtype=torch.float32), flip=flip)
+            if mixing:
+                item.update({MIX_PARTNER: partner, MIX_PARAMS: torch.from_numpy(params)})
         return item
+
+    def _decode(self, index: int, epoch: int) -> tuple[dict[str, torch.Tensor], tuple[Any, bool]]:
+        """Sample ``index``'s views in ``epoch`` (cut with its recorded crop when replaying)."""
+        crop = None if self.replay is None else (self.replay["crop_box"][epoch, index], self.replay["flip"][epoch, index])
+        with self.source.read(index) as file:
+            return decode_views(file, self.views, self.train, self.seed, epoch, index, self.augment, self.draft, crop)
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,6 +210,11 @@ class ImageFilesDataModule(SplitsDataModule):
         seed: seed of the training order, the augmentation and the held-out validation split.
         augment: random crops and flips on the training split (off: the evaluation transform).
         scale, ratio, hflip, auto_augment, re_prob: see :class:`~mmkd.data.views.Augment`.
+        mixup: Mixup / CutMix of each training sample with a partner drawn from (seed, epoch,
+            index), timm ``Mixup``'s arguments (``{mixup_alpha: 0.8, cutmix_alpha: 1.0,
+            label_smoothing: 0.1}``; see :class:`~mmkd.data.mixing.SampleMixup`): batches then
+            carry soft targets (``mix_target``) that the training losses use. Unlike a model's
+            ``mixup`` (timm's, on the batch), a teacher cache of views records these mixed views.
         val_size: samples of the training split held out when there is no validation split.
         on_bad_file: ``"raise"`` (an error naming the file) or ``"skip"`` (left out, counted in
             ``data/bad_files`` and warned about).
@@ -217,6 +249,7 @@ class ImageFilesDataModule(SplitsDataModule):
         hflip: float = 0.5,
         auto_augment: str | None = None,
         re_prob: float = 0.0,
+        mixup: dict[str, Any] | None = None,
         val_size: int | None = None,
         on_bad_file: str = "raise",
         check_files: bool = True,
@@ -236,6 +269,9 @@ class ImageFilesDataModule(SplitsDataModule):
         self.teacher_view = view_spec(teacher_view)
         self.augment = augment
         self.augmentation = Augment(tuple(scale), tuple(ratio), hflip, auto_augment, re_prob)
+        self.mixup = SampleMixup(**mixup) if mixup else None
+        if self.mixup is not None and not augment:
+            raise ValueError("data.init_args.mixup mixes the augmented training samples: it needs augment=true")
         self.val_size, self.on_bad_file, self.check_files, self.draft = val_size, on_bad_file, check_files, draft
         self.image_column, self.label_column = image_column, label_column
         if on_bad_file not in ("raise", "skip"):
@@ -398,8 +434,9 @@ class ImageFilesDataModule(SplitsDataModule):
     # -- splits --------------------------------------------------------------------------------
     def dataset(self, source: ImageSource, train: bool) -> ImageFileDataset:
         """A dataset over ``source`` with this module's views and (for training) augmentation."""
-        return ImageFileDataset(source, self.views, train=train and self.augment, augment=self.augmentation,
-                                seed=self.seed, on_bad_file=self.on_bad_file, draft=self.draft)  # fmt: skip
+        return ImageFileDataset(source, self.views, train=train and self.augment, augment=self.augmentation, seed=self.seed,
+                                on_bad_file=self.on_bad_file, draft=self.draft, mixup=self.mixup if train else None,
+                                num_classes=self.num_classes)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -449,6 +486,8 @@ class ImageFilesDataModule(SplitsDataModule):
             "views": {key: view.as_dict() for key, view in self.views.items()}, "draft": self.draft,
             "augment": dataclasses.asdict(self.augmentation) | {"seed": self.seed} if views else False,
         }  # fmt: skip
+        if self.mixup is not None:
+            fingerprint["mixup"] = dataclasses.asdict(self.mixup)
         if views:
             if not self.augment:
                 raise TeacherCacheError("a cache of augmented views needs the training split augmented: set --data.init_args.augment=true")

@@ -100,6 +100,8 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         super().__init__()
         if shots_per_class is not None or labeled_list is not None:
             labeled_fraction = None
+        if getattr(data, "mixup", None) is not None:  # a partner's label could come from the unlabelled part
+            raise ValueError("SemiSupervisedDataModule cannot wrap a data module that mixes samples: remove data.init_args.data.init_args.mixup")
         self.data = data
         self.labeled_fraction, self.shots_per_class, self.split_seed = labeled_fraction, shots_per_class, split_seed
         self.labeled_list, self.unlabeled = labeled_list, unlabeled

@@ -33,7 +33,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mmkd.core import Distiller, Teacher
 from mmkd.core.classifier import TrainingModule
+from mmkd.core.distiller import LOGITS
 from mmkd.core.teacher import check_teacher, record_teacher
+from mmkd.data.mixing import MIX_TARGET
 from mmkd.losses import FeatureLoss
 from mmkd.losses.fused import LossImpl, fused_kd_loss
 from mmkd.models.mae import MaskedAutoencoder, feature_predictor
@@ -168,7 +170,11 @@ class G2SDSpecific(Distiller):
     argmax of the teacher on the same mixed images)``; ``distill_weight = 0.5`` is the official
     ``(loss_gt + loss_dis) / 2``. ``distillation="soft"`` uses ``T^2 KL`` at ``temperature`` on the
     distillation head instead (DeiT's soft variant). Mixup/cutmix come from ``mixup`` (timm's
-    ``Mixup`` arguments; official: mixup 0.8, cutmix 1.0, label smoothing 0.1).
+    ``Mixup`` arguments; official: mixup 0.8, cutmix 1.0, label smoothing 0.1), or from the data
+    module's ``mixup`` (:mod:`mmkd.data.mixing`: each sample mixed on its own with a partner drawn
+    from (seed, epoch, index), timm's ``mode="elem"`` where the official code mixes each batch
+    with one ratio); only the latter can train from a teacher cache of views, which records the
+    mixed views and the teacher's logits on them.
 
     Logged besides :class:`~mmkd.core.Distiller`'s: ``train/loss_dist``, and ``val/acc_cls`` and
     ``val/acc_dist`` for each head (``val/acc`` is their mean, the model's prediction).
@@ -201,8 +207,11 @@ class G2SDSpecific(Distiller):
     ) -> None:
         if not hasattr(student, "forward_heads"):
             raise TypeError(f"G2SD's specific stage needs a student with a distillation head (mmkd.models.DistilledViT), got {type(student).__name__}")
-        if kwargs.get("teacher_cache"):
-            raise ValueError("G2SDSpecific runs the teacher on mixup/cutmix batches, which a teacher cache cannot hold")
+        if kwargs.get("teacher_cache") and kwargs.get("mixup"):
+            raise ValueError(
+                "model.init_args.mixup mixes each batch in the training step, which a teacher cache cannot record: "
+                "mix in the data module instead (data.init_args.mixup, the same arguments) and build the cache with it"
+            )
         if distillation not in ("hard", "soft"):
             raise ValueError(f"distillation must be 'hard' or 'soft', got {distillation!r}")
         super().__init__(
@@ -213,9 +222,13 @@ class G2SDSpecific(Distiller):
         self.val_acc_dist = MulticlassAccuracy(self.num_classes, average="micro")
 
     def distillation_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        images, targets = self.mix(batch[self.input_key], batch[self.label_key])
+        if MIX_TARGET in batch:  # mixed by the data module: the teacher's logits may come from a cache of the views
+            images, targets = batch[self.input_key], batch[MIX_TARGET]
+            teacher_logits = self.teacher_outputs(batch)[LOGITS]
+        else:
+            images, targets = self.mix(batch[self.input_key], batch[self.label_key])
+            teacher_logits = self.map_teacher_logits(self.teacher(images))
         cls_logits, dist_logits = self.model.forward_heads(images)
-        teacher_logits = self.map_teacher_logits(self.teacher(images))
         if self.distillation == "hard":
             dist_loss = F.cross_entropy(dist_logits.float(), teacher_logits.argmax(-1))
         else:
