@@ -46,6 +46,11 @@ class ImageFileDataset(Dataset):
     epoch ``e`` is cut with view ``e % V``'s recorded crop, and every other random draw
     (RandAugment, random erasing) is taken with ``e % V`` as the epoch, so the pixels are those
     the teacher saw when the cache was built.
+
+    With ``mixup`` (a :class:`~mmkd.data.mixing.SampleMixup`) every training sample is mixed with
+    a partner drawn from (seed, epoch, index), decoded with its own draws of that epoch, and the
+    item carries the soft target ``mix_target``; a recording item also carries ``mix_partner``
+    and ``mix_params``, which replaying then takes from the cache.
     """
 
     def __init__(
