@@ -35,7 +35,6 @@ from mmkd.core import Distiller, Teacher
 from mmkd.core.classifier import TrainingModule
 from mmkd.core.distiller import LOGITS
 from mmkd.core.teacher import check_teacher, record_teacher
-from mmkd.data.mixing import MIX_TARGET
 from mmkd.losses import FeatureLoss
 from mmkd.losses.fused import LossImpl, fused_kd_loss
 from mmkd.models.mae import MaskedAutoencoder, feature_predictor
@@ -222,8 +221,8 @@ class G2SDSpecific(Distiller):
         self.val_acc_dist = MulticlassAccuracy(self.num_classes, average="micro")
 
     def distillation_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        if MIX_TARGET in batch:  # mixed by the data module: the teacher's logits may come from a cache of the views
-            images, targets = batch[self.input_key], batch[MIX_TARGET]
+        if self.mixup is None:  # unmixed, or mixed by the data module: the teacher's logits may come from a cache of the views
+            images, targets = batch[self.input_key], self.training_targets(batch)
             teacher_logits = self.teacher_outputs(batch)[LOGITS]
         else:
             images, targets = self.mix(batch[self.input_key], batch[self.label_key])
