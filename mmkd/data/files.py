@@ -439,9 +439,9 @@ class ImageFilesDataModule(SplitsDataModule):
     # -- splits --------------------------------------------------------------------------------
     def dataset(self, source: ImageSource, train: bool) -> ImageFileDataset:
         """A dataset over ``source`` with this module's views and (for training) augmentation."""
+        mixup = self.mixup if train else None  # the class count is read only then (predicting files has no classes)
         return ImageFileDataset(source, self.views, train=train and self.augment, augment=self.augmentation, seed=self.seed,
-                                on_bad_file=self.on_bad_file, draft=self.draft, mixup=self.mixup if train else None,
-                                num_classes=self.num_classes)  # fmt: skip
+                                on_bad_file=self.on_bad_file, draft=self.draft, mixup=mixup, num_classes=self.num_classes if mixup else None)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
