@@ -68,7 +68,11 @@ def shard_units(root: nn.Module) -> Iterator[nn.Module]:
 def dead_process_message(local_rank: int, pid: int, returncode: int) -> str:
     """What mmkd prints when a training process that Lightning launched has died."""
     if returncode < 0:
-        how = f"was killed by {signal.Signals(-returncode).name}"
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # a number with no name (real-time signals)
+            name = f"signal {-returncode}"
+        how = f"was killed by {name}"
         if -returncode == signal.SIGKILL:
             how += " (the kernel's out-of-memory killer sends it: check `dmesg` or the job's memory limit)"
     else:
