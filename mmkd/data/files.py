@@ -89,15 +89,18 @@ class ImageFileDataset(Dataset):
         """The samples at ``indices`` (re-indexed from 0), with other ``labels`` if given."""
         indices = np.asarray(indices, dtype=np.int64)
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        return ImageFileDataset(self.source.subset(indices, labels), self.views, self.train, self.augment, self.seed, self.on_bad_file, self.draft,
-                                self.mixup, self.num_classes)  # fmt: skip
+        return self._like(self.source.subset(indices, labels), self.train)
 
     def recording(self) -> "ImageFileDataset":
         """These samples read augmented, as training reads them, each with the crop it was cut
         with (what a teacher cache of views records)."""
-        copy = ImageFileDataset(self.source, self.views, True, self.augment, self.seed, self.on_bad_file, self.draft, self.mixup, self.num_classes)
+        copy = self._like(self.source, True)
         copy.record_views = True
         return copy
+
+    def _like(self, source: ImageSource, train: bool) -> "ImageFileDataset":
+        """A dataset of ``source`` decoded as this one (views, augmentation, mixing), recording and replaying nothing."""
+        return ImageFileDataset(source, self.views, train, self.augment, self.seed, self.on_bad_file, self.draft, self.mixup, self.num_classes)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
