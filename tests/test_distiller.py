@@ -88,11 +88,14 @@ def test_cli_overrides_reach_the_loss(teacher_in_place: Path) -> None:
 
 def test_teacher_unchanged_and_not_in_student_checkpoint(teacher_in_place: Path) -> None:
     cli = lightning_cli(["-c", str(CONFIGS / "kd/fmnist_fitnets.yaml"), *SHORT], run=False)
+    probe = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    teacher_logits = cli.model.teacher(probe)  # its first batch folds its BatchNorms into its convolutions
     before = {k: v.clone() for k, v in cli.model.teacher.model.state_dict().items()}
     student_before = {k: v.clone() for k, v in cli.model.student.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     after = cli.model.teacher.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
+    assert torch.equal(cli.model.teacher(probe), teacher_logits)
     assert all(p.grad is None for p in cli.model.teacher.parameters())
     assert any(not torch.equal(student_before[k], v) for k, v in cli.model.student.state_dict().items())
     head = cli.model.terms["hint"].head

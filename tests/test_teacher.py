@@ -99,3 +99,124 @@ def test_checkpoint_of_another_architecture_names_keys(tmp_path: Path) -> None:
     torch.save(wider.state_dict(), path)
     with pytest.raises(RuntimeError, match=r"shape mismatches: .*file \[.*\] vs model"):
         Teacher(make_model(), checkpoint=str(path))
+
+
+def _with_running_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Trained-looking BatchNorms (fresh ones are identities), so a wrong fold cannot pass."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_the_teachers_batchnorms_are_folded_into_its_convolutions_on_the_first_batch(library: str) -> None:
+    import copy
+
+    import timm
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10) if library == "torchvision" else timm.create_model("resnet18", num_classes=10)
+    model = _with_running_statistics(model)
+    unfolded = copy.deepcopy(model)
+    bn, conv = unfolded.layer1[0].bn1, unfolded.layer1[0].conv1
+    teacher = Teacher(model)
+    x = torch.randn(4, 3, 64, 64)
+    out = teacher(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.model.modules())  # every BN follows a conv
+    expected = unfolded(x)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # the definition: BN(conv(x)) = gamma (conv(x) - mean) / sqrt(var + eps) + beta, one affine map per channel
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    folded = teacher.model.layer1[0].conv1
+    torch.testing.assert_close(folded.weight, conv.weight * scale[:, None, None, None])
+    torch.testing.assert_close(folded.bias, bn.bias - bn.running_mean * scale)
+    torch.testing.assert_close(teacher(x), out)  # later batches run the folded model
+    assert len([m for m in Teacher(copy.deepcopy(unfolded), fold_batchnorm=False).model.modules() if isinstance(m, torch.nn.BatchNorm2d)]) == 20
+
+
+def test_timms_batchnorm_with_activation_is_folded_and_keeps_its_activation() -> None:
+    import copy
+
+    import timm
+
+    model = _with_running_statistics(timm.create_model("efficientnet_b0", num_classes=10))
+    unfolded = copy.deepcopy(model)
+    teacher = Teacher(model)
+    x = torch.randn(2, 3, 64, 64)
+    out = teacher(x)
+    expected = unfolded(x)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.model.modules())
+    assert isinstance(teacher.model.bn1, torch.nn.Sequential) and isinstance(teacher.model.bn1[1], torch.nn.SiLU)
+
+
+class _PreActivation(torch.nn.Module):
+    """bn(x + conv(x)): the BatchNorm reads a sum, not the convolution's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x + self.conv(x))
+
+
+class _SharedOutput(torch.nn.Module):
+    """The convolution's output feeds its BatchNorm and a residual sum: folding would change the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_batchnorms_that_do_not_read_a_convolution_alone_are_left_as_they_are() -> None:
+    import copy
+
+    x = torch.randn(2, 4, 8, 8)
+    pre = _with_running_statistics(_PreActivation())
+    expected = copy.deepcopy(pre)(x)
+    teacher = Teacher(pre)
+    torch.testing.assert_close(teacher(x), expected)
+    assert isinstance(teacher.model.bn, torch.nn.BatchNorm2d)
+
+    shared = _with_running_statistics(_SharedOutput())
+    weight, bias = shared.conv.weight.clone(), shared.conv.bias.clone()
+    expected = copy.deepcopy(shared)(x)
+    teacher = Teacher(shared)
+    with pytest.warns(UserWarning, match="changed its outputs.*fold_batchnorm=false"):
+        out = teacher(x)
+    torch.testing.assert_close(out, expected)
+    assert isinstance(teacher.model.bn, torch.nn.BatchNorm2d)
+    assert torch.equal(teacher.model.conv.weight, weight) and torch.equal(teacher.model.conv.bias, bias)
+
+
+def test_a_tapped_convolution_keeps_its_batchnorm_and_its_features() -> None:
+    import copy
+
+    import torchvision
+
+    from mmkd.core.taps import FeatureTap
+
+    model = _with_running_statistics(torchvision.models.resnet18(num_classes=10))
+    unfolded = copy.deepcopy(model)
+    teacher = Teacher(model)
+    tap = FeatureTap(teacher.model, ["layer2.0.conv1"])
+    x = torch.randn(2, 3, 64, 64)
+    teacher(x)
+    assert isinstance(teacher.model.layer2[0].bn1, torch.nn.BatchNorm2d)
+    assert isinstance(teacher.model.layer2[0].bn2, torch.nn.Identity)  # the rest is folded
+    reference = FeatureTap(unfolded, ["layer2.0.conv1"])
+    unfolded(x)
+    torch.testing.assert_close(tap.pop()["layer2.0.conv1"], reference.pop()["layer2.0.conv1"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -48,10 +50,21 @@ class Teacher(nn.Module):
         bf16: run the forward pass under bfloat16 autocast.
         checkpoint_prefix: load only the file's keys under this prefix, stripped of it (e.g.
             ``"student."`` or ``"backbone."`` of a file that holds a larger model).
+        fold_batchnorm: fold each ``BatchNorm2d`` into the convolution that feeds it, on the first
+            forward pass (see :func:`fold_batchnorm`): the frozen teacher's BatchNorms are affine
+            maps, so a ResNet teacher skips one pass over every activation. The outputs change by
+            float rounding only (checked on that first batch; a model where folding would change
+            them is left as it was, with a warning). Convolutions and BatchNorms that a tap or any
+            other forward hook observes are left alone.
     """
 
     def __init__(
-        self, model: nn.Module, checkpoint: str | None = None, bf16: bool = False, checkpoint_prefix: str | None = None
+        self,
+        model: nn.Module,
+        checkpoint: str | None = None,
+        bf16: bool = False,
+        checkpoint_prefix: str | None = None,
+        fold_batchnorm: bool = True,
     ) -> None:
         super().__init__()
         if checkpoint:
@@ -68,6 +81,8 @@ class Teacher(nn.Module):
         self.checkpoint = checkpoint
         self.checkpoint_sha256 = checkpoint_sha256(checkpoint) if checkpoint else None  # a file, an FSDP2 folder or zoo:NAME
         self.bf16 = bf16
+        self.fold_batchnorm = fold_batchnorm
+        self._folded = False
         # Fingerprinted now, while the weights are whole: FSDP2 may shard them later.
         self._weights_sha256 = state_dict_sha256(self.model)
         self.model.requires_grad_(False)
@@ -85,6 +100,9 @@ class Teacher(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         device_type = next(self.model.parameters()).device.type
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.fold_batchnorm and not self._folded:
+                self._folded = True
+                fold_batchnorm(self.model, args, kwargs, tolerance=3e-2 if self.bf16 else 1e-3)
             output = self.model(*args, **kwargs)
         if self.bf16:
             output = to_float(output)
@@ -97,6 +115,126 @@ class Teacher(nn.Module):
             "checkpoint_sha256": self.checkpoint_sha256,
             "weights_sha256": self._weights_sha256,
         }
+
+
+def _foldable_norm(module: nn.Module) -> bool:
+    """A ``BatchNorm2d``, or timm's ``BatchNormAct2d`` (batch norm, then its ``drop`` and ``act``)."""
+    if type(module) is nn.BatchNorm2d:
+        return True
+    from timm.layers import BatchNormAct2d
+
+    return type(module) is BatchNormAct2d
+
+
+def _observed(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _close(a: Any, b: Any, tolerance: float) -> bool:
+    """Whether two (nested) outputs agree to ``tolerance`` times each tensor's largest magnitude."""
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return False
+        if not a.is_floating_point():
+            return torch.equal(a, b)
+        scale = a.float().abs().max().clamp_min(1e-6)
+        return bool(((a.float() - b.float()).abs().max() <= tolerance * scale).item())
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_close(x, y, tolerance) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], tolerance) for k in a)
+    return True
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, args: tuple, kwargs: dict | None = None, tolerance: float = 1e-3) -> list[str]:
+    """Fold every eval-mode ``BatchNorm2d`` that reads a ``Conv2d``'s output into that convolution,
+    in place, and replace it by ``nn.Identity`` (timm's ``BatchNormAct2d`` by its dropout and
+    activation); returns the folded BatchNorms' module paths.
+
+    Which BatchNorm reads which convolution is observed on one forward pass of random normal inputs
+    of the shapes of ``args`` and ``kwargs`` (their floating-point tensors; the rest as given): a pair is
+    folded only when the BatchNorm's input is the convolution's output tensor itself (so a
+    pre-activation block's ``bn(x + conv(x))`` is not), neither module has a forward hook (a tap
+    keeps seeing what it saw), and the BatchNorm uses running statistics. The folded model is then
+    run on the same input; if any output differs by more than ``tolerance`` times its largest
+    magnitude (a convolution whose output also feeds something other than its BatchNorm), every
+    fold is undone and a warning says so. A model with sharded (FSDP2 DTensor) weights is left alone.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(t, DTensor) for t in [*model.parameters(), *model.buffers()]):
+        return []
+    # Random inputs of the batch's shapes: a zero batch (the set-up dry run) would let a wrong fold pass.
+    generator = torch.Generator().manual_seed(0)
+
+    def probe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return torch.randn(value.shape, generator=generator).to(device=value.device, dtype=value.dtype)
+        return value
+
+    args, kwargs = tuple(probe(a) for a in args), {k: probe(v) for k, v in (kwargs or {}).items()}
+    names = {module: name for name, module in model.named_modules()}
+    produced_by: dict[int, tuple[nn.Conv2d, weakref.ref]] = {}  # weak: the probe keeps no activations alive
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+
+    def conv_hook(conv: nn.Module, inputs: tuple, output: Any) -> None:
+        produced_by[id(output)] = (conv, weakref.ref(output))
+
+    def bn_hook(bn: nn.Module, inputs: tuple) -> None:
+        conv, produced = produced_by.get(id(inputs[0]), (None, None)) if inputs else (None, None)
+        if conv is not None and produced() is inputs[0] and conv.out_channels == bn.num_features and (conv, bn) not in pairs:
+            pairs.append((conv, bn))
+
+    convs = [m for m in names if type(m) is nn.Conv2d and not _observed(m)]
+    bns = [m for m in names if _foldable_norm(m) and not _observed(m) and m.running_mean is not None and not m.training]
+    if not convs or not bns:
+        return []
+    handles = [c.register_forward_hook(conv_hook) for c in convs] + [b.register_forward_pre_hook(bn_hook) for b in bns]
+    try:
+        reference = model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    produced_by.clear()
+    counts: dict[nn.Module, int] = {}
+    for conv, bn in pairs:
+        counts[conv] = counts.get(conv, 0) + 1
+        counts[bn] = counts.get(bn, 0) + 1
+    pairs = [(conv, bn) for conv, bn in pairs if counts[conv] == 1 and counts[bn] == 1]  # modules used once
+    if not pairs:
+        return []
+    parents = {name: module for module, name in names.items()}
+    undo = []
+    for conv, bn in pairs:
+        undo.append((conv, conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone(), bn))
+        scale = bn.weight.float() if bn.affine else torch.ones_like(bn.running_var, dtype=torch.float32)
+        scale = scale * torch.rsqrt(bn.running_var.float() + bn.eps)
+        shift = (bn.bias.float() if bn.affine else 0.0) - bn.running_mean.float() * scale
+        bias = shift if conv.bias is None else conv.bias.float() * scale + shift
+        weight = conv.weight.float() * scale.reshape(-1, 1, 1, 1)
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        else:
+            conv.bias.copy_(bias.to(conv.bias.dtype))
+        parent_name, _, child = names[bn].rpartition(".")
+        setattr(parents[parent_name], child, nn.Sequential(bn.drop, bn.act) if type(bn) is not nn.BatchNorm2d else nn.Identity())
+    if _close(reference, model(*args, **kwargs), tolerance):
+        return [names[bn] for _, bn in pairs]
+    for conv, weight, bias, bn in undo:
+        conv.weight.copy_(weight)
+        if bias is None:
+            conv.bias = None
+        else:
+            conv.bias.copy_(bias)
+        parent_name, _, child = names[bn].rpartition(".")
+        setattr(parents[parent_name], child, bn)
+    warnings.warn(
+        f"teacher: folding its BatchNorms into their convolutions changed its outputs ({type(model).__name__}), "
+        "so it runs unfolded; set model.init_args.teacher.init_args.fold_batchnorm=false to skip the check"
+    )
+    return []
 
 
 def _without_weights(module: Teacher, state_dict: dict, prefix: str, local_metadata: dict) -> None:
