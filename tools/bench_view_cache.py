@@ -18,6 +18,12 @@ a fraction of the online epoch's and after how many epochs the build has paid fo
 all 10 logits in float32, and from caches of the top-3 and the top-1 logit in float16, ``--views`` =
 ``--epochs`` (each epoch its own views); ``--seeds`` are the students' initialisation seeds
 (the data and its views are the same in every run).
+
+**--mixup**: the data module also mixes each training sample with a recorded partner (mixup 0.8 /
+CutMix 1.0, label smoothing 0.1, ``mmkd.data.mixing.SampleMixup``). In the speed part every
+teacher then gets four interleaved variants (online and cached, each unmixed and mixed), so the
+cost of decoding the partner is measured in the same run; in the accuracy part every run and
+cache mixes (its caches are kept apart from the unmixed ones).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ FMNIST_KD = str(ROOT / "configs/kd/fmnist_kd.yaml")
 FMNIST_TEACHER = ROOT / "runs/teachers/fmnist_resnet10t/last.ckpt"
 STUDENT = "resnet10t"
 SIZE = 128
+MIXUP = "--data.init_args.mixup={mixup_alpha: 0.8, cutmix_alpha: 1.0, label_smoothing: 0.1}"
 
 
 def speed_overrides(root: Path, teacher: str, weights: Path, workdir: Path) -> list[str]:
@@ -87,14 +94,16 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict:
         student = timm.create_model(STUDENT, num_classes=10)
         example = torch.zeros(1, 3, SIZE, SIZE)
         ratios[teacher] = flops(model.eval(), example) / flops(student.eval(), example)
-        overrides = speed_overrides(root, teacher, weights, workdir)
-        cache = workdir / f"cache_{teacher}"
-        start = time.perf_counter()
-        mmkd_main(["cache", "-c", IMAGENET_KD, "--out", str(cache), "--views", str(args.views), "--overwrite", "--batch-size", "64", *overrides])
-        builds[teacher] = time.perf_counter() - start
-        setups[teacher] = {"online": overrides, "cached": [*overrides, f"--model.init_args.teacher_cache={cache}"]}
-        print(f"{teacher}: teacher/student FLOPs {ratios[teacher]:.1f}x, cache of {args.views} views built in {builds[teacher]:.0f} s", flush=True)
-    rates: dict[str, dict[str, list[float]]] = {teacher: {"online": [], "cached": []} for teacher in args.teachers}
+        setups[teacher] = {}
+        for mixing in ("", " mixed") if args.mixup else ("",):
+            overrides = [*speed_overrides(root, teacher, weights, workdir), *([MIXUP] if mixing else [])]
+            cache = workdir / f"cache_{teacher}{mixing.replace(' ', '_')}"
+            start = time.perf_counter()
+            mmkd_main(["cache", "-c", IMAGENET_KD, "--out", str(cache), "--views", str(args.views), "--overwrite", "--batch-size", "64", *overrides])
+            builds[teacher + mixing] = time.perf_counter() - start
+            setups[teacher] |= {"online" + mixing: overrides, "cached" + mixing: [*overrides, f"--model.init_args.teacher_cache={cache}"]}
+            print(f"{teacher}{mixing}: teacher/student FLOPs {ratios[teacher]:.1f}x, cache of {args.views} views built in {builds[teacher + mixing]:.0f} s", flush=True)
+    rates: dict[str, dict[str, list[float]]] = {teacher: {name: [] for name in variants} for teacher, variants in setups.items()}
     for round_index in range(args.rounds + 1):  # round 0 untimed
         for teacher, variants in setups.items():
             for name, overrides in variants.items():
@@ -104,14 +113,20 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict:
                     rates[teacher][name].append(value)
     summary = {}
     for teacher, by_name in rates.items():
-        online, cached = statistics.median(by_name["online"]), statistics.median(by_name["cached"])
-        online_epoch, cached_epoch = args.samples / online, args.samples / cached
-        summary[teacher] = {
-            "teacher_to_student_flops": ratios[teacher], "online_samples_per_second": by_name["online"],
-            "cached_samples_per_second": by_name["cached"], "cached_epoch_vs_online": online / cached,
-            "cache_build_seconds": builds[teacher], "online_epoch_seconds": online_epoch, "cached_epoch_seconds": cached_epoch,
-            "build_paid_after_epochs": builds[teacher] / (online_epoch - cached_epoch) if online_epoch > cached_epoch else None,
-        }  # fmt: skip
+        for mixing in ("", " mixed") if args.mixup else ("",):
+            online, cached = statistics.median(by_name["online" + mixing]), statistics.median(by_name["cached" + mixing])
+            online_epoch, cached_epoch = args.samples / online, args.samples / cached
+            build = builds[teacher + mixing]
+            summary[teacher + mixing] = {
+                "teacher_to_student_flops": ratios[teacher], "online_samples_per_second": by_name["online" + mixing],
+                "cached_samples_per_second": by_name["cached" + mixing], "cached_epoch_vs_online": online / cached,
+                "cache_build_seconds": build, "online_epoch_seconds": online_epoch, "cached_epoch_seconds": cached_epoch,
+                "build_paid_after_epochs": build / (online_epoch - cached_epoch) if online_epoch > cached_epoch else None,
+            }  # fmt: skip
+        if args.mixup:  # per round, so the machine's drift between rounds cancels
+            for name in ("online", "cached"):
+                summary[f"{teacher} mixed"][f"{name}_mixed_vs_unmixed_per_round"] = [
+                    mixed / plain for mixed, plain in zip(by_name[f"{name} mixed"], by_name[name])]  # fmt: skip
     return summary
 
 
@@ -126,21 +141,22 @@ def accuracy(args: argparse.Namespace, workdir: Path) -> dict:
         "--data.init_args.image_size=28", "--data.init_args.channels=1", "--data.init_args.batch_size=128", "--data.init_args.scale=[0.35, 1.0]",
         # the teacher's label order and normalisation (the folders sort alphabetically; Fashion-MNIST's statistics)
         f"--data.init_args.classes={json.dumps(list(image_files.CLASS_FOLDERS))}", "--data.init_args.mean=0.286", "--data.init_args.std=0.353",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *([MIXUP] if args.mixup else []),
     ]  # fmt: skip
+    tag = "_mixed" if args.mixup else ""
     caches = {"full fp32": [], "top-3 fp16": ["--topk", "3", "--dtype", "float16"], "top-1 fp16": ["--topk", "1", "--dtype", "float16"]}
     variants = {"online": []}
     for name, options in caches.items():
-        cache = workdir / f"fmnist_cache_{name.split()[0]}"
+        cache = workdir / f"fmnist_cache_{name.split()[0]}{tag}"
         if not (cache / "meta.json").is_file():
             mmkd_main(["cache", "-c", FMNIST_KD, "--out", str(cache), "--views", str(args.epochs), "--overwrite", *options, *data])
         variants[name] = [f"--model.init_args.teacher_cache={cache}"]
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for seed in args.seeds:
         for name, extra in variants.items():
-            run_dir = str(workdir / f"fmnist_{name.split()[0]}_seed{seed}")
+            run_dir = str(workdir / f"fmnist_{name.split()[0]}{tag}_seed{seed}")
             results[name].append(seeded_run(name, FMNIST_KD, run_dir, seed, args.epochs, [*data, *extra]))
-    size = {name: sum(f.stat().st_size for f in (workdir / f"fmnist_cache_{name.split()[0]}").iterdir()) for name in caches}
+    size = {name: sum(f.stat().st_size for f in (workdir / f"fmnist_cache_{name.split()[0]}{tag}").iterdir()) for name in caches}
     return {
         name: {"test_acc_per_seed": [r["test/acc"] for r in runs], "test_acc_mean": statistics.mean(r["test/acc"] for r in runs),
                "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in runs), "cache_bytes": size.get(name)}
@@ -154,7 +170,7 @@ def plot(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    teachers = sorted(summary, key=lambda t: summary[t]["teacher_to_student_flops"])
+    teachers = sorted((t for t in summary if not t.endswith(" mixed")), key=lambda t: summary[t]["teacher_to_student_flops"])
     x = [summary[t]["teacher_to_student_flops"] for t in teachers]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, marker in (("online", "o"), ("cached", "s")):
@@ -181,6 +197,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=10000, help="training images of the accuracy part")
     parser.add_argument("--epochs", type=int, default=4, help="epochs (and views) of the accuracy part")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--mixup", action="store_true", help="the data module also mixes (mixup / CutMix with recorded partners)")
     parser.add_argument("--workdir", default="runs/bench_view_cache")
     parser.add_argument("--out", default="bench/view_cache.json")
     args = parser.parse_args()
@@ -204,6 +221,10 @@ def main() -> None:
             paid = f"{row['build_paid_after_epochs']:.1f} epochs" if row["build_paid_after_epochs"] else "never"
             print(f"| {teacher} | {row['teacher_to_student_flops']:.1f}x | {statistics.median(row['online_samples_per_second']):.1f} | "
                   f"{statistics.median(row['cached_samples_per_second']):.1f} | {row['cached_epoch_vs_online']:.2f}x | {row['cache_build_seconds']:.0f} s | {paid} |")  # fmt: skip
+        for teacher, row in record["speed"].items():
+            for name in ("online", "cached"):
+                if f"{name}_mixed_vs_unmixed_per_round" in row:
+                    print(f"{teacher}, {name}: mixed / unmixed samples/s per round", ", ".join(f"{r:.2f}" for r in row[f"{name}_mixed_vs_unmixed_per_round"]))
     if "accuracy" in record:
         print("\n| teacher outputs | test acc per seed | mean | cache size |")
         print("|---|---|---:|---:|")
