@@ -22,12 +22,15 @@ batch with ``loss.item()``. One difference is set on purpose: torchdistill never
 teacher's ``eval()`` (its pre-epoch process only sets the student to train mode), so its teacher
 would normalise with batch statistics; the driver puts the teacher in eval mode, as mmkd does.
 
-Variants, interleaved (torchdistill, mmkd, mmkd channels_last, mmkd channels_last with bf16
-autocast, then again) for ``--rounds`` timed rounds after one untimed round, each in a fresh
-process: samples/s over ``--steps`` steps after ``--warmup`` steps (data loading included,
-start-up not), its ratio to the torchdistill run of the same round (the median of those ratios
-is reported), and the process's peak resident memory. Only the bf16 variant changes the
-arithmetic (torchdistill mixes precision only through Hugging Face Accelerate).
+Variants, interleaved (torchdistill; mmkd with the teacher's BatchNorms left unfolded,
+``Teacher(fold_batchnorm=False)``; mmkd as shipped, the frozen teacher's BatchNorms folded into
+its convolutions on the first batch; mmkd channels_last; mmkd channels_last with bf16 autocast;
+then again) for ``--rounds`` timed rounds after one untimed round, each in a fresh process:
+samples/s over ``--steps`` steps after ``--warmup`` steps (data loading included, start-up not),
+its ratio to the torchdistill run of the same round (the median of those ratios is reported), and
+the process's peak resident memory. The fold changes the teacher's arithmetic by float rounding
+(1e-6 relative); only the bf16 variant changes it beyond that (torchdistill mixes precision only
+through Hugging Face Accelerate).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ MEAN, STD = [0.286] * 3, [0.353] * 3
 TEMPERATURE, ALPHA, LR, MOMENTUM, WEIGHT_DECAY = 4.0, 0.9, 0.1, 0.9, 5e-4
 VARIANTS = {
     "torchdistill": [],
+    "mmkd, teacher unfolded": ["--model.init_args.teacher.init_args.fold_batchnorm=false"],
     "mmkd": [],
     "mmkd channels_last": ["--model.init_args.channels_last=true"],
     "mmkd channels_last bf16": ["--model.init_args.channels_last=true", "--trainer.precision=bf16-mixed"],
