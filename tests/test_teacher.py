@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,6 @@ def _with_running_statistics(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("library", ["torchvision", "timm"])
 def test_the_teachers_batchnorms_are_folded_into_its_convolutions_on_the_first_batch(library: str) -> None:
-    import copy
-
     import timm
     import torchvision
 
@@ -141,8 +140,6 @@ def test_the_teachers_batchnorms_are_folded_into_its_convolutions_on_the_first_b
 
 
 def test_timms_batchnorm_with_activation_is_folded_and_keeps_its_activation() -> None:
-    import copy
-
     import timm
 
     model = _with_running_statistics(timm.create_model("efficientnet_b0", num_classes=10))
@@ -182,8 +179,6 @@ class _SharedOutput(torch.nn.Module):
 
 
 def test_batchnorms_that_do_not_read_a_convolution_alone_are_left_as_they_are() -> None:
-    import copy
-
     x = torch.randn(2, 4, 8, 8)
     pre = _with_running_statistics(_PreActivation())
     expected = copy.deepcopy(pre)(x)
@@ -203,8 +198,6 @@ def test_batchnorms_that_do_not_read_a_convolution_alone_are_left_as_they_are() 
 
 
 def test_a_tapped_convolution_keeps_its_batchnorm_and_its_features() -> None:
-    import copy
-
     import torchvision
 
     from mmkd.core.taps import FeatureTap

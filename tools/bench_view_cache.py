@@ -86,6 +86,7 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict:
     if not (root / "train").is_dir():
         image_files.write_layout(root, DATA / "fashion-mnist", "folder", [args.samples, 32, 0], size=(160, 160))
     setups, builds, ratios = {}, {}, {}
+    mixings = ("", " mixed") if args.mixup else ("",)  # suffixes of the variants' names
     for teacher in args.teachers:
         weights = workdir / f"{teacher}.pth"
         torch.manual_seed(0)
@@ -95,7 +96,7 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict:
         example = torch.zeros(1, 3, SIZE, SIZE)
         ratios[teacher] = flops(model.eval(), example) / flops(student.eval(), example)
         setups[teacher] = {}
-        for mixing in ("", " mixed") if args.mixup else ("",):
+        for mixing in mixings:
             overrides = [*speed_overrides(root, teacher, weights, workdir), *([MIXUP] if mixing else [])]
             cache = workdir / f"cache_{teacher}{mixing.replace(' ', '_')}"
             start = time.perf_counter()
@@ -113,7 +114,7 @@ def speed(args: argparse.Namespace, workdir: Path) -> dict:
                     rates[teacher][name].append(value)
     summary = {}
     for teacher, by_name in rates.items():
-        for mixing in ("", " mixed") if args.mixup else ("",):
+        for mixing in mixings:
             online, cached = statistics.median(by_name["online" + mixing]), statistics.median(by_name["cached" + mixing])
             online_epoch, cached_epoch = args.samples / online, args.samples / cached
             build = builds[teacher + mixing]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections import Counter
 from typing import Any
 
 import torch
@@ -203,15 +204,10 @@ def fold_batchnorm(model: nn.Module, args: tuple, kwargs: dict | None = None, to
     finally:
         for handle in handles:
             handle.remove()
-    produced_by.clear()
-    counts: dict[nn.Module, int] = {}
-    for conv, bn in pairs:
-        counts[conv] = counts.get(conv, 0) + 1
-        counts[bn] = counts.get(bn, 0) + 1
+    counts = Counter(module for pair in pairs for module in pair)
     pairs = [(conv, bn) for conv, bn in pairs if counts[conv] == 1 and counts[bn] == 1]  # modules used once
     if not pairs:
         return []
-    parents = {name: module for module, name in names.items()}
     undo = []
     for conv, bn in pairs:
         undo.append((conv, conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone(), bn))
@@ -225,8 +221,7 @@ def fold_batchnorm(model: nn.Module, args: tuple, kwargs: dict | None = None, to
             conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
         else:
             conv.bias.copy_(bias.to(conv.bias.dtype))
-        parent_name, _, child = names[bn].rpartition(".")
-        setattr(parents[parent_name], child, nn.Sequential(bn.drop, bn.act) if type(bn) is not nn.BatchNorm2d else nn.Identity())
+        model.set_submodule(names[bn], nn.Sequential(bn.drop, bn.act) if type(bn) is not nn.BatchNorm2d else nn.Identity())
     if _close(reference, model(*args, **kwargs), tolerance):
         return [names[bn] for _, bn in pairs]
     for conv, weight, bias, bn in undo:
@@ -235,8 +230,7 @@ def fold_batchnorm(model: nn.Module, args: tuple, kwargs: dict | None = None, to
             conv.bias = None
         else:
             conv.bias.copy_(bias)
-        parent_name, _, child = names[bn].rpartition(".")
-        setattr(parents[parent_name], child, bn)
+        model.set_submodule(names[bn], bn)
     warnings.warn(
         f"teacher: folding its BatchNorms into their convolutions changed its outputs ({type(model).__name__}), "
         "so it runs unfolded; set model.init_args.teacher.init_args.fold_batchnorm=false to skip the check"
