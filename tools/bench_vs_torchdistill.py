@@ -60,6 +60,8 @@ VARIANTS = {
     "mmkd": [],
     "mmkd channels_last": ["--model.init_args.channels_last=true"],
     "mmkd channels_last bf16": ["--model.init_args.channels_last=true", "--trainer.precision=bf16-mixed"],
+    "mmkd compile_model": ["--model.init_args.compile_model=true"],
+    "mmkd channels_last compile": ["--model.init_args.channels_last=true", "--model.init_args.compile_model=true"],
 }
 
 
@@ -188,13 +190,15 @@ def run_mmkd(args: argparse.Namespace, root: Path, weights: Path, overrides: lis
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     root, weights = prepare(Path(args.workdir), images_needed(args))
     if args.worker == "torchdistill":
         result = run_torchdistill(args, root, weights)
     else:
         result = run_mmkd(args, root, weights, VARIANTS[args.worker])
-    result.update(peak_rss_mib=peak_rss_mib(), threads=torch.get_num_threads())
+    # the whole process after its imports: start-up and, with compile_model, compiling
+    result.update(peak_rss_mib=peak_rss_mib(), threads=torch.get_num_threads(), run_seconds=time.perf_counter() - started)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -229,7 +233,8 @@ def main() -> None:
             if done.returncode or not lines:
                 sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
             result = json.loads(lines[-1][len("RESULT ") :])
-            print(f"round {round_index} {name}: {result['samples_per_second']:.1f} samples/s, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+            print(f"round {round_index} {name}: {result['samples_per_second']:.1f} samples/s, peak RSS {result['peak_rss_mib']:.0f} MiB, "
+                  f"run {result['run_seconds']:.0f} s", flush=True)
             if round_index:
                 runs[name].append(result)
     baseline = [r["samples_per_second"] for r in runs["torchdistill"]]
@@ -240,7 +245,8 @@ def main() -> None:
         ratios = [rate / base for rate, base in zip(rates, baseline)]
         summary[name] = {"samples_per_second_median": statistics.median(rates), "samples_per_second_all": rates,
                          "vs_torchdistill_per_round": ratios, "vs_torchdistill": statistics.median(ratios),
-                         "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in results), "threads": results[0]["threads"]}  # fmt: skip
+                         "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in results),
+                         "run_seconds_median": statistics.median(r["run_seconds"] for r in results), "threads": results[0]["threads"]}  # fmt: skip
     print(f"\n{'variant':<26}{'samples/s':>10}{'vs torchdistill':>17}  {'per round':<20}{'peak RSS MiB':>12}")
     for name, row in summary.items():
         rounds = " ".join(f"{r:.2f}" for r in row["vs_torchdistill_per_round"])
