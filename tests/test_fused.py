@@ -140,6 +140,60 @@ def test_compiled_matches_reference(case: str) -> None:
     close(fused_grad, ref_grad, grad_tol)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ops_pass_opcheck(impl: str) -> None:
+    """The fused paths are torch.library custom ops: opcheck runs each on real, fake and traced
+    (AOTAutograd, dynamic shapes) tensors and checks that the schema, the fake kernel's shapes and
+    strides, and the registered backward agree with the real kernel."""
+    torch.manual_seed(5)
+    teacher, student = torch.randn(5, 13, device=DEVICE), torch.randn(5, 13, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmkd.fused_kd.default, (teacher, student, 2.0, impl, False, True))
+    pred = torch.randn(2, 6, 3, 3, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    target = torch.randn(2, 6, 3, 3, device=DEVICE)
+    torch.library.opcheck(torch.ops.mmkd.fused_feature.default, (pred, target, "smooth_l1", True, 2.0, impl, True))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_compiled_step_is_one_graph(impl: str) -> None:
+    """``torch.compile(fullgraph=True)`` of a step with both fused losses: no graph break (it
+    raises on one), and the loss and gradients of the eager reference. On CPU the Triton
+    interpreter's kernels run as opaque ops under the aot_eager backend; inductor elsewhere."""
+    torch.manual_seed(6)
+    student = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    pred = torch.randn(2, 8, 4, 4, device=DEVICE, requires_grad=True)
+    teacher, target = torch.randn(6, 10, device=DEVICE), torch.randn(2, 8, 4, 4, device=DEVICE)
+
+    def step(loss_kd, loss_feature):
+        return lambda: 0.9 * loss_kd(student, teacher, 4.0) + 2.0 * loss_feature(pred, target, "mse", True)
+
+    backend = "aot_eager" if DEVICE == "cpu" and impl == "triton" else "inductor"
+    compiled_step = torch.compile(
+        step(lambda *a: fused_kd_loss(*a, impl=impl), lambda *a: fused_feature_loss(*a, impl=impl)), backend=backend, fullgraph=True
+    )
+    for _ in range(2):  # the second call runs the cached graph
+        loss = compiled_step()
+        grads = torch.autograd.grad(loss, [student, pred])
+    ref = step(kd_loss, feature_loss)()
+    ref_grads = torch.autograd.grad(ref, [student, pred])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for got, expected in zip(grads, ref_grads):
+        close(got, expected, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="CUDA graphs need a GPU")
+def test_cuda_graphs_capture_the_triton_losses() -> None:
+    """``mode="reduce-overhead"`` records the step's kernels as CUDA graphs and replays them: the
+    fused ops make no host syncs and allocate nothing the graph cannot own."""
+    torch.manual_seed(7)
+    student = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    teacher = torch.randn(64, 1000, device="cuda")
+    compiled = torch.compile(lambda s, t: fused_kd_loss(s, t, 4.0, impl="triton"), mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        (grad,) = torch.autograd.grad(compiled(student, teacher), student)
+    (ref_grad,) = torch.autograd.grad(kd_loss(student, teacher, 4.0), student)
+    close(grad, ref_grad, 1e-5)
+
+
 def test_loss_modules_dispatch_and_agree() -> None:
     student, teacher = torch.randn(6, 10), torch.randn(6, 10)
     values = {impl: KDLoss(2.0, loss_weight=0.5, impl=impl)(student, teacher).item() for impl in ("auto", "chunked", "eager")}

@@ -1,5 +1,6 @@
 """Time and peak memory of the distillation losses, forward + backward, at realistic shapes: the
-eager reference vs ``torch.compile`` of it vs the fused paths (chunked torch; Triton on a GPU;
+eager reference vs ``torch.compile`` of it vs the fused paths (chunked torch; Triton on a GPU,
+called eagerly and recorded as CUDA graphs by ``torch.compile(mode="reduce-overhead")``;
 Liger-Kernel's KL divergence where it is installed).
 
     python tools/bench_losses.py                  # CPU: writes bench/losses_cpu.json
@@ -64,6 +65,8 @@ def loss_functions(kind: str, device: str) -> dict[str, Callable]:
     functions = {"eager": reference, "compiled": fused("compiled"), "chunked": fused("chunked")}
     if device == "cuda" and HAS_TRITON:
         functions["triton"] = fused("triton")
+        # the same ops recorded as CUDA graphs: one replay per forward and per backward, no launches
+        functions["triton-graphs"] = torch.compile(fused("triton"), mode="reduce-overhead", fullgraph=True)
     if device == "cuda" and kind == "kd":
         try:
             from liger_kernel.transformers import LigerKLDIVLoss
@@ -153,8 +156,8 @@ def bench_case(name: str, kind: str, shape: tuple, dtype: torch.dtype, device: s
     functions = {k: v for k, v in loss_functions(kind, device).items() if k in impls}
 
     runs = {impl: (lambda function=function: function(student, teacher).backward()) for impl, function in functions.items()}
-    for run in runs.values():  # warm-up: compilation, autotuning, lazy initialisation
-        for _ in range(2):
+    for run in runs.values():  # warm-up: compilation, autotuning, lazy initialisation, CUDA graph recording
+        for _ in range(3):
             student.grad = None
             run()
     seconds: dict[str, list[float]] = {impl: [] for impl in runs}
@@ -193,7 +196,7 @@ def bench_case(name: str, kind: str, shape: tuple, dtype: torch.dtype, device: s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--impls", nargs="+", default=["eager", "compiled", "chunked", "triton", "liger"])
+    parser.add_argument("--impls", nargs="+", default=["eager", "compiled", "chunked", "triton", "triton-graphs", "liger"])
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: float32 on CPU, float32 and bfloat16 on CUDA")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per implementation (default 5 CPU, 20 CUDA)")
     parser.add_argument("--quick", action="store_true", help="three small shapes (a smoke run)")

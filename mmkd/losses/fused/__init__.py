@@ -17,15 +17,18 @@ gradient in backward. All implementations share one signature, picked by ``impl`
   nothing and compiling would only add start-up time. ``tools/bench_losses.py`` measured these
   choices (bench/losses_cpu.json, bench/losses_cuda.json).
 
-The hand-written paths support one backward pass per forward (no ``retain_graph`` double use, no
-double backward): use ``impl="eager"`` for those.
+The hand-written paths are ``torch.library`` custom ops (``mmkd::fused_kd``,
+``mmkd::fused_feature``) with fake kernels and registered backwards, so ``torch.compile`` keeps a
+step that uses them in one graph and ``mode="reduce-overhead"`` can record their launches as CUDA
+graphs. They support one backward pass per forward (no ``retain_graph`` double use, no double
+backward): use ``impl="eager"`` for those.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -76,17 +79,75 @@ def rows_per_chunk(row_size: int, budget: int = 1 << 20) -> int:
     return max(1, budget // max(1, row_size))
 
 
-def scale_saved_gradients(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
-    """Backward of a loss whose gradients were computed in forward (kept in ``ctx.grads``): scale
-    them by ``grad_output`` in place (no second N×C buffer), once. Always a multiply, never a test
-    of ``grad_output == 1``: reading a CUDA value back would stall the host and the asynchronous
+def fused_loss_op(name: str, fake: Callable) -> Callable[[Callable], Callable[..., torch.Tensor]]:
+    """Decorator: registers ``loss_and_gradients``, which returns ``(loss, *gradients)`` with one
+    gradient per leading tensor argument (an empty tensor for one that needs none), as the custom
+    op ``name`` with the fake kernel ``fake`` and a backward that scales the gradients. Returns a
+    function of the same arguments that gives the loss: through the op while ``torch.compile``
+    traces, through a plain ``autograd.Function`` in eager, where the dispatcher's round trip to a
+    Python op would add host time to every call (60 µs on a 2-core CPU)."""
+
+    def register(loss_and_gradients: Callable) -> Callable[..., torch.Tensor]:
+        op = torch.library.custom_op(name, loss_and_gradients, mutates_args=())
+        op.register_fake(fake)
+        op.register_autograd(_op_backward, setup_context=_save_gradients)
+
+        def loss(*args: Any) -> torch.Tensor:
+            if torch.compiler.is_compiling():
+                return op(*args)[0]
+            return _EagerFusedLoss.apply(loss_and_gradients, *args)
+
+        return loss
+
+    return register
+
+
+def _save_gradients(ctx, inputs: tuple, output: tuple[torch.Tensor, ...]) -> None:
+    # the gradients, computed in forward, are all backward needs; nothing differentiates them,
+    # so autograd is told not to fill zero gradients of their size for them
+    ctx.num_inputs = len(inputs)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*output[1:])
+
+
+def _op_backward(ctx, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+    grads = scale_saved_gradients(ctx, grad_loss)
+    return *grads, *[None] * (ctx.num_inputs - len(grads))
+
+
+class _EagerFusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loss_and_gradients: Callable, *args: Any) -> torch.Tensor:
+        loss, *grads = loss_and_gradients(*args)
+        ctx.num_inputs = len(args)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return None, *_op_backward(ctx, grad_loss)
+
+
+def scale_saved_gradients(ctx, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
+    """Backward of a fused loss op: the saved gradients times ``grad_output`` (``None`` for the
+    empty ones, of inputs that need none).
+
+    Eager autograd scales them in place, so no second buffer of the gradient's size is made, and
+    a second backward through the same graph (``retain_graph``) finds them modified. Under
+    ``torch.compile`` the product is out of place (a compiled backward may not mutate what forward
+    saved) and the compiler plans the buffers. Always a multiply, never a test of
+    ``grad_output == 1``: reading a CUDA value back would stall the host and the asynchronous
     launches behind it."""
-    grads = getattr(ctx, "grads", None)
-    if grads is None:
-        raise RuntimeError("a fused mmkd loss was back-propagated twice; use impl='eager' with retain_graph")
-    # dropping ctx's reference lets autograd adopt the buffer as .grad instead of copying it
-    ctx.grads = None
-    return [grad.mul_(grad_output.to(grad.dtype)) if grad is not None else None for grad in grads]
+    try:
+        grads = ctx.saved_tensors
+    except RuntimeError as err:
+        if "modified by an inplace operation" not in str(err):
+            raise
+        raise RuntimeError("a fused mmkd loss was back-propagated twice; use impl='eager' with retain_graph") from err
+    # a plain tensor is eager autograd; torch.compile and export trace with tensor subclasses
+    return [None if grad.numel() == 0 else grad.mul_(grad_output.to(grad.dtype)) if type(grad) is torch.Tensor
+            else grad * grad_output.to(grad.dtype) for grad in grads]  # fmt: skip
 
 
 from mmkd.losses.fused.feature import fused_feature_loss  # noqa: E402

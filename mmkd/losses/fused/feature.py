@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkd.losses.fused import HAS_TRITON, compiled, resolve_impl, rows_per_chunk, scale_saved_gradients
+from mmkd.losses.fused import HAS_TRITON, compiled, fused_loss_op, resolve_impl, rows_per_chunk
 
 KINDS = {"mse": 0, "smooth_l1": 1, "cosine": 2}
 LAYERNORM_EPS = 1e-6  # as normalize_target
@@ -152,26 +152,26 @@ def _feature_chunked(pred, target, kind, normalize, beta, grad):
     return total * loss_scale
 
 
-def _empty_grad(pred: torch.Tensor) -> torch.Tensor:
-    """A gradient buffer that :func:`_as_rows` and the chunked path can view without copying."""
+def _gradient_buffer(pred: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    """The op's gradient output, unfilled, in a layout that :func:`_as_rows` and the chunked path
+    can view without copying (an empty tensor when ``pred`` needs none)."""
+    if not need_grad:
+        return pred.new_empty(0)
     if pred.ndim == 4 and pred.is_contiguous(memory_format=torch.channels_last):
         return torch.empty_like(pred, memory_format=torch.channels_last)
-    return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    return pred.new_empty(pred.shape)
 
 
-class _FusedFeature(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, target, kind, normalize, beta, impl):
-        grad = _empty_grad(pred) if ctx.needs_input_grad[0] else None
-        run = _feature_triton if impl == "triton" else _feature_chunked
-        loss = run(pred, target, kind, normalize, beta, grad)
-        ctx.grads = (grad,)
-        return loss
+def _fake_feature(pred, target, kind, normalize, beta, impl, need_grad):
+    return pred.new_empty((), dtype=torch.float32), _gradient_buffer(pred, need_grad)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = scale_saved_gradients(ctx, grad_output)
-        return grad, None, None, None, None, None
+
+@fused_loss_op("mmkd::fused_feature", _fake_feature)
+def _fused_feature(pred: torch.Tensor, target: torch.Tensor, kind: str, normalize: bool, beta: float, impl: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss, and the gradient of ``pred`` if asked for."""
+    grad = _gradient_buffer(pred, need_grad)
+    run = _feature_triton if impl == "triton" else _feature_chunked
+    return run(pred, target, kind, normalize, beta, grad if need_grad else None), grad
 
 
 def fused_feature_loss(
@@ -192,4 +192,4 @@ def fused_feature_loss(
         from mmkd.losses.feature import feature_loss
 
         return (compiled(feature_loss) if impl == "compiled" else feature_loss)(pred, target, kind, normalize, beta)
-    return _FusedFeature.apply(pred, target.detach(), kind, bool(normalize), float(beta), impl)
+    return _fused_feature(pred, target.detach(), kind, bool(normalize), float(beta), impl, pred.requires_grad and torch.is_grad_enabled())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkd.losses.fused import HAS_TRITON, compiled, resolve_impl, rows_per_chunk, scale_saved_gradients
+from mmkd.losses.fused import HAS_TRITON, compiled, fused_loss_op, resolve_impl, rows_per_chunk
 
 if HAS_TRITON:
     import triton
@@ -112,19 +112,22 @@ def _kd_chunked(a, b, temperature, grad_a, grad_b):
     return kl
 
 
-class _FusedKD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, temperature, impl):
-        grad_a = torch.empty(a.shape, dtype=a.dtype, device=a.device) if ctx.needs_input_grad[0] else None
-        grad_b = torch.empty(b.shape, dtype=b.dtype, device=b.device) if ctx.needs_input_grad[1] else None
-        kl = (_kd_triton if impl == "triton" else _kd_chunked)(a, b, temperature, grad_a, grad_b)
-        ctx.grads = (grad_a, grad_b)
-        return kl.sum() * (temperature**2 / a.shape[0])
+def _gradient_buffers(a: torch.Tensor, b: torch.Tensor, need_grad_a: bool, need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's gradient outputs, unfilled (an empty tensor for an input that needs none)."""
+    return a.new_empty(a.shape if need_grad_a else 0), b.new_empty(b.shape if need_grad_b else 0)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_a, grad_b = scale_saved_gradients(ctx, grad_output)
-        return grad_a, grad_b, None, None
+
+def _fake_kd(a, b, temperature, impl, need_grad_a, need_grad_b):
+    return a.new_empty((), dtype=torch.float32), *_gradient_buffers(a, b, need_grad_a, need_grad_b)
+
+
+@fused_loss_op("mmkd::fused_kd", _fake_kd)
+def _fused_kd(a: torch.Tensor, b: torch.Tensor, temperature: float, impl: str, need_grad_a: bool, need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss, and the gradients of ``a`` and ``b`` where asked for."""
+    grad_a, grad_b = _gradient_buffers(a, b, need_grad_a, need_grad_b)
+    run = _kd_triton if impl == "triton" else _kd_chunked
+    kl = run(a, b, temperature, grad_a if need_grad_a else None, grad_b if need_grad_b else None)
+    return kl.sum() * (temperature**2 / a.shape[0]), grad_a, grad_b
 
 
 def fused_kd_loss(
@@ -153,4 +156,5 @@ def fused_kd_loss(
 
     student, teacher = rows(student_logits), rows(teacher_logits)
     a, b = (student, teacher) if reverse else (teacher, student)
-    return _FusedKD.apply(a, b, float(temperature), impl)
+    grad_enabled = torch.is_grad_enabled()
+    return _fused_kd(a, b, float(temperature), impl, a.requires_grad and grad_enabled, b.requires_grad and grad_enabled)
