@@ -25,10 +25,11 @@ would normalise with batch statistics; the driver puts the teacher in eval mode,
 Variants, interleaved (torchdistill; mmkd with the teacher's BatchNorms left unfolded,
 ``Teacher(fold_batchnorm=False)``; mmkd as shipped, the frozen teacher's BatchNorms folded into
 its convolutions on the first batch; mmkd channels_last; mmkd channels_last with bf16 autocast;
-then again) for ``--rounds`` timed rounds after one untimed round, each in a fresh process:
+mmkd with the student compiled, ``compile_model``, with and without channels_last; then again) for ``--rounds`` timed rounds after one untimed round, each in a fresh process:
 samples/s over ``--steps`` steps after ``--warmup`` steps (data loading included, start-up not),
 its ratio to the torchdistill run of the same round (the median of those ratios is reported), and
-the process's peak resident memory. The fold changes the teacher's arithmetic by float rounding
+the process's peak resident memory and wall time after its imports (start-up and compiling
+included). The fold changes the teacher's arithmetic by float rounding
 (1e-6 relative); only the bf16 variant changes it beyond that (torchdistill mixes precision only
 through Hugging Face Accelerate).
 """
