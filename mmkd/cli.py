@@ -274,12 +274,13 @@ def consolidate_main(argv: Sequence[str]) -> None:
 def export_main(argv: Sequence[str]) -> None:
     from torch import nn
 
-    from mmkd.export import export_onnx, onnx_max_difference, student_from_checkpoint
+    from mmkd.export import example_batch, export_metadata, export_onnx, image_preprocessing, onnx_max_difference, student_from_checkpoint
 
     parser = argparse.ArgumentParser(
         prog="mmkd export",
         description="Write a student to ONNX (the student of a config with the weights of a checkpoint, or a zoo "
-        "model) and check the ONNX model against PyTorch on a validation batch with onnxruntime. Other arguments "
+        "model) and check the ONNX model against PyTorch with onnxruntime on a batch of the data (validation, else test, "
+        "else training split). Other arguments "
         "are config overrides.",
     )
     parser.add_argument("-c", "--config", help="the config the student was trained with")
@@ -318,12 +319,16 @@ def export_main(argv: Sequence[str]) -> None:
         print(f"mmkd: error: the student takes several inputs {key}; export takes single-input students", file=sys.stderr)
         raise SystemExit(2)
     datamodule.prepare_data()
-    datamodule.setup("validate")
-    batch = next(iter(datamodule.val_dataloader()))[key][:8]
+    try:
+        batch = example_batch(datamodule, key)
+    except ValueError as err:
+        print(f"mmkd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    metadata = export_metadata(image_preprocessing(datamodule, key), getattr(datamodule, "class_names", None))
     out = Path(out)
     staged = out.with_name(f".{out.name}.unchecked")  # replaces `out` only once it passed the check
     try:
-        export_onnx(student, batch, staged, args.opset, input_name=key)
+        export_onnx(student, batch, staged, args.opset, input_name=key, metadata=metadata)
         difference = onnx_max_difference(student, staged, [batch, batch[:1]])
         if difference > args.atol:
             print(f"mmkd: error: the ONNX model differs from PyTorch by {difference:.2e} > --atol {args.atol}; "
@@ -335,7 +340,7 @@ def export_main(argv: Sequence[str]) -> None:
         raise SystemExit(2) from None
     finally:
         staged.unlink(missing_ok=True)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB); onnxruntime vs PyTorch on a validation batch: max |diff| = {difference:.2e}")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB); onnxruntime vs PyTorch on a batch of the data: max |diff| = {difference:.2e}")
 
 
 def zoo_main(argv: Sequence[str]) -> None:

@@ -284,6 +284,18 @@ class OnnxClassifier(L.LightningModule):
             raise PredictError(f"{path} has {len(outputs)} outputs ({', '.join(o.name for o in outputs)}); mmkd predict takes classifiers with one output of class scores")
         self.path, self.input_name = path, inputs[0].name
         self.input_shape = [dim if isinstance(dim, int) else None for dim in inputs[0].shape[1:]]
+        self.preprocessing, self.class_names = self._exported_metadata(self.session.get_modelmeta().custom_metadata_map)
+
+    def _exported_metadata(self, metadata: dict[str, str]) -> tuple[dict[str, Any] | None, list[str] | None]:
+        """The preprocessing and class names that ``mmkd export`` records (none in other files)."""
+        from mmkd.export import CLASS_NAMES_KEY, PREPROCESSING_KEY
+
+        try:
+            preprocessing = json.loads(metadata[PREPROCESSING_KEY]) if PREPROCESSING_KEY in metadata else None
+            names = json.loads(metadata[CLASS_NAMES_KEY]) if CLASS_NAMES_KEY in metadata else None
+        except json.JSONDecodeError as err:
+            raise PredictError(f"{self.path}: its mmkd metadata is not JSON ({err}); give --image-size, --mean, --std ... and --classes") from None
+        return preprocessing, [str(name) for name in names] if names else None
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input_name: images.detach().cpu().float().numpy()})[0])
@@ -467,12 +479,12 @@ def _standalone_parser() -> argparse.ArgumentParser:
     model.add_argument("--onnx", metavar="FILE", help="an ONNX classifier (run with onnxruntime on the CPU)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (with or without class folders), .csv/.jsonl file lists")
     add_writer_arguments(parser)
-    parser.add_argument("--classes", metavar="FILE", help="class names, one a line (or a JSON list); default: the zoo entry's, else indices")
-    view = parser.add_argument_group("preprocessing (default: the zoo entry's; for ONNX the input shape's size and channels)")
+    parser.add_argument("--classes", metavar="FILE", help="class names, one a line (or a JSON list); default: the zoo entry's or those mmkd export recorded, else indices")
+    view = parser.add_argument_group("preprocessing (default: the zoo entry's; for ONNX what mmkd export recorded, else the input shape's size and channels)")
     view.add_argument("--image-size", type=_numbers(int), metavar="PX", help="input size: 224 (square) or HEIGHT,WIDTH")
     view.add_argument("--channels", type=int, choices=[1, 3], help="1 (greyscale) or 3 (RGB)")
-    view.add_argument("--mean", type=_numbers(float), help="normalisation mean: one value or one per channel, 0.485,0.456,0.406 (ONNX default: ImageNet's)")
-    view.add_argument("--std", type=_numbers(float), help="normalisation std, as --mean (ONNX default: ImageNet's)")
+    view.add_argument("--mean", type=_numbers(float), help="normalisation mean: one value or one per channel, 0.485,0.456,0.406 (ONNX without mmkd metadata: ImageNet's)")
+    view.add_argument("--std", type=_numbers(float), help="normalisation std, as --mean (ONNX without mmkd metadata: ImageNet's)")
     view.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest", "lanczos", "box"], help="resampling (default bilinear)")
     view.add_argument("--crop-pct", type=float, help="centre crop: the shorter side resized to size / crop_pct (default 1.0: the centre square)")
     run = parser.add_argument_group("run")
@@ -521,8 +533,8 @@ def predict_files(args: argparse.Namespace) -> Path | None:
     else:
         module = OnnxClassifier(args.onnx)
         channels, height, width = module.input_shape
-        view = {"size": (height, width) if height and width else None, "channels": channels}
-        names, what, accelerator = None, str(args.onnx), "cpu"
+        view = {"size": (height, width) if height and width else None, "channels": channels, **(module.preprocessing or {})}
+        names, what, accelerator = module.class_names, str(args.onnx), "cpu"
     if args.image_size:
         if len(args.image_size) not in (1, 2):
             raise PredictError(f"--image-size takes one value or HEIGHT,WIDTH, got {args.image_size}")
@@ -551,7 +563,8 @@ def predict_files(args: argparse.Namespace) -> Path | None:
     dm = files_datamodule(args.inputs, spec.as_dict(), args.batch_size, args.num_workers, args.on_bad_file)
     count = len(dm.splits["predict"])
     print(f"predicting {count} image{'s' * (count != 1)} with {what}: input {'x'.join(map(str, spec.shape))}, "
-          f"mean {spec.mean}, std {spec.std}, {spec.interpolation}, crop_pct {spec.crop_pct}")  # fmt: skip
+          f"mean {spec.mean}, std {spec.std}, {spec.interpolation}, crop_pct {spec.crop_pct}"
+          f"{' (from its mmkd metadata)' if args.onnx and module.preprocessing else ''}")  # fmt: skip
     writer = PredictionWriter(output, args.topk or 5, fmt, class_names=names or [str(i) for i in range(num_classes)])
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[writer], default_root_dir=os.getcwd())  # fmt: skip

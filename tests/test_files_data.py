@@ -4,6 +4,7 @@ Fashion-MNIST images (tools/image_files.py), read lazily by DataLoader workers."
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,32 @@ def test_teacher_cache_and_inspect_on_files_use_the_models_views(tmp_path: Path,
     assert "[1, 64, 4, 4]" in capsys.readouterr().out  # the teacher's layer2 on 28 px inputs (224 px would give 28 x 28)
     with pytest.raises(SystemExit):
         main(["cache", "-c", config, "--out", "cache2", *data[:-1]])  # random crops: refused, as for the in-memory sets
+
+
+def test_a_teacher_whose_classes_are_in_another_order_is_said(tmp_path: Path, data_root: Path, teacher_in_place: Path) -> None:
+    # The teacher learnt Fashion-MNIST's label order (0 T-shirt/top, 1 trouser, ...); a file list that
+    # names its classes is numbered in sorted order (T-shirt-top, ankle_boot, bag, ...). Distilling
+    # that teacher as it is would teach the student the wrong classes for the whole run.
+    from mmkd.cli import lightning_cli
+
+    from conftest import CONFIGS, SHORT
+
+    root = image_files.write_layout(tmp_path / "d", data_root / "fashion-mnist", "csv", [64, 128, 16], fmt="png")
+    data = ["--data=mmkd.data.ImageFilesDataModule", f"--data.init_args.root={root}", "--data.init_args.num_workers=0",
+            "--data.init_args.image_size=28", "--data.init_args.channels=1", "--data.init_args.mean=0.286",
+            "--data.init_args.std=0.353", "--data.init_args.crop_pct=1.0", "--data.init_args.batch_size=64"]  # fmt: skip
+    fit = ["fit", "-c", str(CONFIGS / "kd/fmnist_kd.yaml"), *data, *SHORT, "--trainer.limit_train_batches=1"]
+    with pytest.warns(UserWarning, match=r"val/teacher_acc is .* no better than chance \(10.0% for 10 classes\).*"
+                      r"the data's classes in label order: T-shirt-top, ankle_boot, bag, .*data.init_args.classes"):  # fmt: skip
+        permuted = lightning_cli(fit)
+    order = "[" + ", ".join(image_files.CLASS_FOLDERS) + "]"  # the teacher's own order
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run = lightning_cli([*fit, f"--data.init_args.classes={order}"])
+    assert not [w for w in said if "teacher_acc" in str(w.message)]
+    accuracy = {"permuted": permuted.model.teacher_val_result, "teacher's order": run.model.teacher_val_result}
+    assert accuracy["permuted"] < 0.19 <= accuracy["teacher's order"], accuracy
+    assert run.datamodule.class_names == image_files.CLASS_FOLDERS
 
 
 @pytest.mark.slow

@@ -185,6 +185,30 @@ def test_in_memory_data_predicts_its_test_split_by_index_to_jsonl(trained: dict,
     check_rows(rows, [str(i) for i in range(32)], probs, k=4)
 
 
+def test_mmkd_export_records_the_preprocessing_and_classes_that_predict_onnx_uses(trained: dict, files: dict, capsys: pytest.CaptureFixture) -> None:
+    # A view nothing else would guess: 24 px, bicubic, crop_pct 0.875, the data's own mean and std.
+    # Exported with it, `mmkd predict --onnx` on the file alone gives the checkpoint's rows.
+    view = ['--data.init_args.views={image: {size: 24, interpolation: bicubic, crop_pct: 0.875, mean: 0.286, std: 0.353, channels: 1}}']
+    main(["export", "-c", trained["config"], "--ckpt_path", trained["ckpt"], "--out", "tiny.onnx", *view])
+    import onnx
+
+    metadata = {entry.key: json.loads(entry.value) for entry in onnx.load("tiny.onnx").metadata_props}
+    assert metadata["mmkd.preprocessing"] == {"size": [24, 24], "mean": [0.286], "std": [0.353], "interpolation": "bicubic", "crop_pct": 0.875, "channels": 1}
+    assert metadata["mmkd.class_names"] == sorted(image_files.CLASS_FOLDERS)
+    folder = str(files["folder"])
+    main(["predict", "-c", trained["config"], "--ckpt_path", trained["ckpt"], *view, f"--data.init_args.predict={folder}", "--output", "ckpt.csv"])
+    capsys.readouterr()
+    main(["predict", "--onnx", "tiny.onnx", folder, "--output", "onnx.csv", *FAST])
+    assert "input 1x24x24, mean (0.286,), std (0.353,), bicubic, crop_pct 0.875 (from its mmkd metadata)" in capsys.readouterr().out
+    onnx_rows, ckpt_rows = read_rows(Path("onnx.csv")), read_rows(Path("ckpt.csv"))
+    assert len(onnx_rows) == 20 and [(r["path"], r["classes"]) for r in onnx_rows] == [(r["path"], r["classes"]) for r in ckpt_rows]
+    torch.testing.assert_close(torch.tensor([r["probs"] for r in onnx_rows]), torch.tensor([r["probs"] for r in ckpt_rows]), atol=1e-5, rtol=1e-4)
+    # a flag still overrides what the file records, and the rows then differ
+    main(["predict", "--onnx", "tiny.onnx", folder, "--crop-pct", "1.0", "--output", "whole.csv", *FAST])
+    whole = torch.tensor([r["probs"] for r in read_rows(Path("whole.csv"))])
+    assert (whole - torch.tensor([r["probs"] for r in onnx_rows])).abs().max() > 1e-3
+
+
 def test_errors_end_in_one_line(files: dict, capsys: pytest.CaptureFixture) -> None:
     png = str(next(files["folder"].rglob("*.png")))
     assert "no zoo model named 'fmnist-resnet10t'" in one_error(capsys, ["predict", "--zoo", "fmnist-resnet10t", png])

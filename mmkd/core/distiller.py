@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -379,8 +379,29 @@ class Distiller(Classifier):
         if self.teacher_val_result is None and not self.trainer.sanity_checking and not self._teacher_acc_skipped:
             self.teacher_val_result = float(self.teacher_val_acc.compute())
             self.teacher_val_acc.reset()
+            self.warn_if_teacher_at_chance(self.teacher_val_result)
         if self.teacher_val_result is not None:
             self.log("val/teacher_acc", self.teacher_val_result)
+
+    def warn_if_teacher_at_chance(self, accuracy: float) -> None:
+        """A teacher that is no better than chance on the validation data is nearly always a
+        teacher from elsewhere whose classes are in another order than the data's (a folder's
+        classes are sorted by name) or whose input is prepared differently: said once, with the
+        data's class order, rather than distilling its mistakes for a whole run. "No better"
+        is less than a tenth of the way from chance to 100 %."""
+        chance = 1.0 / self.num_classes
+        if accuracy >= chance + 0.1 * (1.0 - chance):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = tuple(getattr(datamodule, "class_names", ()) or ())
+        order = f" (the data's classes in label order: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})" if names else ""
+        rank_zero_warn(
+            f"val/teacher_acc is {accuracy:.1%}, no better than chance ({chance:.1%} for {self.num_classes} classes): the teacher "
+            f"probably numbers its classes in another order than the data{order}; give its order as "
+            "data.init_args.classes, or map its classes with model.init_args.class_map. If the order is right, its input "
+            "is prepared differently from its training: check the data's mean, std, image_size and channels "
+            "(or teacher_input / teacher_view)."
+        )
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
