@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -398,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return
+    # Lightning 2.6 still builds torch's deprecated LeafSpec: a warning in every training or
+    # prediction command that says nothing about the user's run
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         if argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:])
